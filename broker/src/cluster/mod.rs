@@ -1,0 +1,1 @@
+//! Drives `paxos`: transport between nodes, timers, durable acceptor state, forwarding.

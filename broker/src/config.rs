@@ -1,0 +1,364 @@
+//! Broker configuration from flags, `SYNOD_<FLAG>` environment variables and
+//! an optional TOML file with the same keys. Pure parsing: opens no sockets.
+//!
+//! Precedence, highest first: command-line flag, environment variable,
+//! `--config` file, built-in default.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+use serde::Deserialize;
+
+/// Errors in configuration; each names the flag at fault. The binary exits 2.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A flag's value could not be used.
+    #[error("--{flag}: {reason}")]
+    Invalid {
+        /// The flag's long name, without dashes.
+        flag: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The `--config` file could not be read or parsed.
+    #[error("--config {path}: {reason}")]
+    File {
+        /// The file named by `--config`.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+/// Command-line flags. Every flag is also read from `SYNOD_<FLAG>`.
+#[derive(Debug, Default, Parser)]
+#[command(
+    name = "synod-broker",
+    version,
+    about = "AMQP 0-9-1 broker whose replicas agree through Paxos"
+)]
+pub struct Args {
+    /// Name of this node in the cluster (default: `synod@<hostname>`).
+    #[arg(long, env = "SYNOD_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Directory for durable state (default: `./synod-data`).
+    #[arg(long, env = "SYNOD_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// AMQP 0-9-1 listen address (default: `0.0.0.0:5672`).
+    #[arg(long, env = "SYNOD_AMQP_LISTEN")]
+    pub amqp_listen: Option<String>,
+    /// Management HTTP API listen address (default: `0.0.0.0:15672`).
+    #[arg(long, env = "SYNOD_MGMT_LISTEN")]
+    pub mgmt_listen: Option<String>,
+    /// Prometheus `/metrics` listen address (default: `0.0.0.0:15692`).
+    #[arg(long, env = "SYNOD_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
+    /// Cluster traffic listen address (default: `0.0.0.0:25672`).
+    #[arg(long, env = "SYNOD_CLUSTER_LISTEN")]
+    pub cluster_listen: Option<String>,
+    /// Cluster seed list `NAME=HOST:PORT,...`; absent means a single node.
+    #[arg(long, env = "SYNOD_PEERS")]
+    pub peers: Option<String>,
+    /// File holding the secret every peer must prove; required with `--peers`.
+    #[arg(long, env = "SYNOD_CLUSTER_SECRET_FILE")]
+    pub cluster_secret_file: Option<PathBuf>,
+    /// PEM certificate chain for TLS.
+    #[arg(long, env = "SYNOD_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS.
+    #[arg(long, env = "SYNOD_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA bundle for verifying client and peer certificates.
+    #[arg(long, env = "SYNOD_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// AMQP over TLS listen address (default when TLS is configured: `0.0.0.0:5671`).
+    #[arg(long, env = "SYNOD_AMQPS_LISTEN")]
+    pub amqps_listen: Option<String>,
+    /// TOML file with the same keys as the flags (`data-dir = "..."`).
+    #[arg(long, env = "SYNOD_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+/// The keys of a `--config` TOML file: the flags' long names.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct FileConfig {
+    node_name: Option<String>,
+    data_dir: Option<PathBuf>,
+    amqp_listen: Option<String>,
+    mgmt_listen: Option<String>,
+    metrics_listen: Option<String>,
+    cluster_listen: Option<String>,
+    peers: Option<String>,
+    cluster_secret_file: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_ca: Option<PathBuf>,
+    amqps_listen: Option<String>,
+}
+
+/// TLS files, all present or none.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// Certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Private key (PEM).
+    pub key: PathBuf,
+    /// CA bundle (PEM) for client/peer verification.
+    pub ca: Option<PathBuf>,
+    /// AMQPS listen address.
+    pub amqps_listen: SocketAddr,
+}
+
+/// The validated configuration the broker runs with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Name of this node.
+    pub node_name: String,
+    /// Directory for durable state.
+    pub data_dir: PathBuf,
+    /// AMQP listen address.
+    pub amqp_listen: SocketAddr,
+    /// Management API listen address.
+    pub mgmt_listen: SocketAddr,
+    /// Metrics listen address.
+    pub metrics_listen: SocketAddr,
+    /// Cluster listen address.
+    pub cluster_listen: SocketAddr,
+    /// Cluster seed list, node name to `host:port`; empty for a single node.
+    pub peers: BTreeMap<String, String>,
+    /// File with the cluster secret; `Some` whenever `peers` is non-empty.
+    pub cluster_secret_file: Option<PathBuf>,
+    /// TLS settings, when configured.
+    pub tls: Option<TlsConfig>,
+}
+
+impl Config {
+    /// Builds the configuration from parsed flags (and the file they name).
+    pub fn from_args(args: Args) -> Result<Config, Error> {
+        let file = match &args.config {
+            Some(path) => read_file_config(path)?,
+            None => FileConfig::default(),
+        };
+        let node_name = args
+            .node_name
+            .or(file.node_name)
+            .unwrap_or_else(default_node_name);
+        if node_name.is_empty() {
+            return Err(invalid("node-name", "must not be empty"));
+        }
+        let data_dir = args
+            .data_dir
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from("./synod-data"));
+        let amqp_listen = parse_addr("amqp-listen", args.amqp_listen.or(file.amqp_listen), 5672)?;
+        let mgmt_listen = parse_addr("mgmt-listen", args.mgmt_listen.or(file.mgmt_listen), 15672)?;
+        let metrics_listen = parse_addr(
+            "metrics-listen",
+            args.metrics_listen.or(file.metrics_listen),
+            15692,
+        )?;
+        let cluster_listen = parse_addr(
+            "cluster-listen",
+            args.cluster_listen.or(file.cluster_listen),
+            25672,
+        )?;
+        let peers = parse_peers(args.peers.or(file.peers).as_deref().unwrap_or(""))?;
+        let cluster_secret_file = args.cluster_secret_file.or(file.cluster_secret_file);
+        if !peers.is_empty() && cluster_secret_file.is_none() {
+            return Err(invalid(
+                "cluster-secret-file",
+                "is required when --peers is given",
+            ));
+        }
+        let tls = match (
+            args.tls_cert.or(file.tls_cert),
+            args.tls_key.or(file.tls_key),
+        ) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => Some(TlsConfig {
+                cert,
+                key,
+                ca: args.tls_ca.or(file.tls_ca),
+                amqps_listen: parse_addr(
+                    "amqps-listen",
+                    args.amqps_listen.or(file.amqps_listen),
+                    5671,
+                )?,
+            }),
+            (Some(_), None) => return Err(invalid("tls-key", "is required with --tls-cert")),
+            (None, Some(_)) => return Err(invalid("tls-cert", "is required with --tls-key")),
+        };
+        Ok(Config {
+            node_name,
+            data_dir,
+            amqp_listen,
+            mgmt_listen,
+            metrics_listen,
+            cluster_listen,
+            peers,
+            cluster_secret_file,
+            tls,
+        })
+    }
+}
+
+fn invalid(flag: &'static str, reason: impl Into<String>) -> Error {
+    Error::Invalid {
+        flag,
+        reason: reason.into(),
+    }
+}
+
+fn read_file_config(path: &PathBuf) -> Result<FileConfig, Error> {
+    let text = std::fs::read_to_string(path).map_err(|err| Error::File {
+        path: path.clone(),
+        reason: err.to_string(),
+    })?;
+    toml::from_str(&text).map_err(|err| Error::File {
+        path: path.clone(),
+        reason: err.to_string(),
+    })
+}
+
+fn default_node_name() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_string());
+    format!("synod@{host}")
+}
+
+/// Parses `HOST:PORT`, `:PORT` or `PORT`; a missing host means all interfaces.
+fn parse_addr(
+    flag: &'static str,
+    value: Option<String>,
+    default_port: u16,
+) -> Result<SocketAddr, Error> {
+    let Some(value) = value else {
+        return Ok(SocketAddr::from(([0, 0, 0, 0], default_port)));
+    };
+    let text = if let Ok(port) = value.parse::<u16>() {
+        format!("0.0.0.0:{port}")
+    } else if let Some(port) = value.strip_prefix(':') {
+        format!("0.0.0.0:{port}")
+    } else {
+        value.clone()
+    };
+    text.parse().map_err(|_| {
+        invalid(
+            flag,
+            format!("{value:?} is not an address like 127.0.0.1:5672"),
+        )
+    })
+}
+
+/// Parses `NAME=HOST:PORT,...`.
+fn parse_peers(text: &str) -> Result<BTreeMap<String, String>, Error> {
+    let mut peers = BTreeMap::new();
+    for entry in text.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let Some((name, addr)) = entry.split_once('=') else {
+            return Err(invalid("peers", format!("{entry:?} is not NAME=HOST:PORT")));
+        };
+        let (name, addr) = (name.trim(), addr.trim());
+        let port_ok = addr
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+        if name.is_empty() || !port_ok {
+            return Err(invalid("peers", format!("{entry:?} is not NAME=HOST:PORT")));
+        }
+        if peers.insert(name.to_string(), addr.to_string()).is_some() {
+            return Err(invalid("peers", format!("node {name:?} is listed twice")));
+        }
+    }
+    Ok(peers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(argv: &[&str]) -> Result<Config, Error> {
+        let mut full = vec!["synod-broker"];
+        full.extend_from_slice(argv);
+        Config::from_args(Args::try_parse_from(full).expect("flags parse"))
+    }
+
+    #[test]
+    fn defaults_are_a_single_node_on_the_standard_ports() {
+        // Goal: no flags means one node on 5672/15672/15692/25672 in ./synod-data.
+        let config = config(&[]).expect("defaults are valid");
+        assert_eq!(config.amqp_listen.port(), 5672);
+        assert_eq!(config.mgmt_listen.port(), 15672);
+        assert_eq!(config.metrics_listen.port(), 15692);
+        assert_eq!(config.cluster_listen.port(), 25672);
+        assert_eq!(config.data_dir, PathBuf::from("./synod-data"));
+        assert!(config.peers.is_empty());
+        assert!(config.tls.is_none());
+    }
+
+    #[test]
+    fn peers_without_a_secret_file_name_the_flag() {
+        // Goal: --peers alone is a configuration error naming --cluster-secret-file.
+        let err = config(&["--peers", "a=127.0.0.1:25672"]).expect_err("must fail");
+        assert!(err.to_string().contains("--cluster-secret-file"), "{err}");
+    }
+
+    #[test]
+    fn malformed_inputs_are_rejected_with_their_flag() {
+        // Goal: each malformed value is refused and the message names its flag.
+        let cases: &[(&[&str], &str)] = &[
+            (&["--amqp-listen", "nowhere"], "--amqp-listen"),
+            (&["--peers", "a", "--cluster-secret-file", "s"], "--peers"),
+            (
+                &["--peers", "a=h:1,a=h:2", "--cluster-secret-file", "s"],
+                "--peers",
+            ),
+            (
+                &["--peers", "a=h:notaport", "--cluster-secret-file", "s"],
+                "--peers",
+            ),
+            (&["--tls-cert", "c.pem"], "--tls-key"),
+            (&["--node-name", ""], "--node-name"),
+        ];
+        for (argv, flag) in cases {
+            let err = config(argv).expect_err("must fail");
+            assert!(err.to_string().contains(flag), "{argv:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_config_file_fills_what_flags_leave_out() {
+        // Goal: TOML keys apply, flags override them, unknown keys are refused.
+        let dir = std::env::temp_dir().join(format!("synod-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("synod.toml");
+        std::fs::write(
+            &path,
+            "data-dir = \"/var/lib/x\"\namqp-listen = \"127.0.0.1:6000\"\n",
+        )
+        .expect("write config");
+        let path_str = path.to_str().expect("utf-8 path");
+        let config = config(&["--config", path_str, "--amqp-listen", "7000"]).expect("valid");
+        assert_eq!(config.data_dir, PathBuf::from("/var/lib/x"));
+        assert_eq!(config.amqp_listen.port(), 7000);
+        std::fs::write(&path, "no-such-key = 1\n").expect("write config");
+        let err = config_err(path_str);
+        assert!(err.contains("no-such-key"), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    fn config_err(path: &str) -> String {
+        config(&["--config", path])
+            .expect_err("must fail")
+            .to_string()
+    }
+}

@@ -1,0 +1,1 @@
+//! Exchange routing: direct, fanout, topic, headers. Pure: no I/O.

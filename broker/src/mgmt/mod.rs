@@ -1,0 +1,3 @@
+//! Management HTTP API (RabbitMQ-compatible paths and JSON shapes).
+
+pub mod api;

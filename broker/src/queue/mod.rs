@@ -1,0 +1,1 @@
+//! Queues: messages, consumers, redelivery, TTL, length limits, dead-lettering.
