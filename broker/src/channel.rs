@@ -1,1 +1,275 @@
-//! Placeholder: filled by the AMQP broker work.
+//! Per-channel state: consumers, unacked deliveries, confirms, qos, tx and
+//! the content being assembled. Owned by the connection task; no locks,
+//! no I/O (the connection writes whatever the channel decides).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use amq_protocol::protocol::basic::AMQPProperties;
+use bytes::{Bytes, BytesMut};
+
+use crate::broker::ChannelInfo;
+use crate::protocol::{AmqpError, reply};
+use crate::queue::{Credit, Entry, Queue};
+
+/// A consumer as its channel sees it.
+#[derive(Debug)]
+pub struct ChannelConsumer {
+    /// The queue consumed from.
+    pub queue: Arc<Queue>,
+    /// No acks expected.
+    pub no_ack: bool,
+    /// Its prefetch credit.
+    pub credit: Arc<Credit>,
+}
+
+/// A delivery awaiting ack.
+#[derive(Debug)]
+pub struct Unacked {
+    /// Delivery tag on this channel.
+    pub tag: u64,
+    /// Queue it came from.
+    pub queue: Arc<Queue>,
+    /// The message.
+    pub entry: Entry,
+    /// Consumer credit to return (None for `basic.get`).
+    pub credit: Option<Arc<Credit>>,
+}
+
+/// A publish whose header/body frames are still arriving.
+#[derive(Debug)]
+pub struct PendingContent {
+    /// Exchange.
+    pub exchange: String,
+    /// Routing key.
+    pub routing_key: String,
+    /// Mandatory flag.
+    pub mandatory: bool,
+    /// Header received: size, properties, raw properties.
+    pub header: Option<(u64, AMQPProperties, Bytes)>,
+    /// Body received so far.
+    pub body: BodyParts,
+}
+
+/// Body assembly: a single frame stays a zero-copy slice.
+#[derive(Debug, Default)]
+pub enum BodyParts {
+    /// Nothing yet.
+    #[default]
+    Empty,
+    /// One frame.
+    One(Bytes),
+    /// Several frames, copied together.
+    Many(BytesMut),
+}
+
+impl BodyParts {
+    /// Bytes received so far.
+    pub fn len(&self) -> usize {
+        match self {
+            BodyParts::Empty => 0,
+            BodyParts::One(b) => b.len(),
+            BodyParts::Many(b) => b.len(),
+        }
+    }
+
+    /// Whether nothing was received.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Appends a body frame.
+    pub fn push(&mut self, chunk: Bytes) {
+        *self = match std::mem::take(self) {
+            BodyParts::Empty => BodyParts::One(chunk),
+            BodyParts::One(first) => {
+                let mut all = BytesMut::with_capacity(first.len() + chunk.len());
+                all.extend_from_slice(&first);
+                all.extend_from_slice(&chunk);
+                BodyParts::Many(all)
+            }
+            BodyParts::Many(mut all) => {
+                all.extend_from_slice(&chunk);
+                BodyParts::Many(all)
+            }
+        }
+    }
+
+    /// The whole body.
+    pub fn finish(self) -> Bytes {
+        match self {
+            BodyParts::Empty => Bytes::new(),
+            BodyParts::One(b) => b,
+            BodyParts::Many(b) => b.freeze(),
+        }
+    }
+}
+
+/// An operation buffered by `tx.select` until commit.
+#[derive(Debug)]
+pub enum TxOp {
+    /// A complete publish.
+    Publish {
+        /// Message to route.
+        message: Arc<crate::message::Message>,
+        /// Mandatory flag.
+        mandatory: bool,
+    },
+    /// `basic.ack`.
+    Ack {
+        /// Tag.
+        tag: u64,
+        /// Multiple.
+        multiple: bool,
+    },
+    /// `basic.nack` / `basic.reject`.
+    Nack {
+        /// Tag.
+        tag: u64,
+        /// Multiple.
+        multiple: bool,
+        /// Requeue.
+        requeue: bool,
+    },
+}
+
+/// Publisher-confirm bookkeeping. Confirms are sent in order; consecutive
+/// acks are coalesced into one `multiple` ack per read batch.
+#[derive(Debug, Default)]
+pub struct Confirms {
+    /// Sequence number of the last publish.
+    pub published: u64,
+    /// Highest sequence acked but not yet sent.
+    pub acked_through: u64,
+    /// Highest sequence sent to the client (ack or nack).
+    pub sent_through: u64,
+}
+
+/// One open channel.
+#[derive(Debug)]
+pub struct Channel {
+    /// Channel number.
+    pub id: u16,
+    /// We sent `channel.close` and await `close-ok`.
+    pub closing: bool,
+    /// Consumers by tag.
+    pub consumers: HashMap<Arc<str>, ChannelConsumer>,
+    /// Last delivery tag used.
+    pub delivery_tag: u64,
+    /// Deliveries awaiting ack, in tag order.
+    pub unacked: VecDeque<Unacked>,
+    /// Prefetch for consumers created from now on (`global = false`).
+    pub consumer_prefetch: u32,
+    /// The channel-wide credit (`global = true`, and `channel.flow`).
+    pub credit: Arc<Credit>,
+    /// Confirm mode state.
+    pub confirms: Option<Confirms>,
+    /// Tx mode buffer.
+    pub tx: Option<Vec<TxOp>>,
+    /// Content being assembled.
+    pub pending: Option<PendingContent>,
+    /// Shared counters for listing.
+    pub info: Arc<ChannelInfo>,
+}
+
+impl Channel {
+    /// A fresh channel.
+    pub fn new(id: u16) -> Channel {
+        Channel {
+            id,
+            closing: false,
+            consumers: HashMap::new(),
+            delivery_tag: 0,
+            unacked: VecDeque::new(),
+            consumer_prefetch: 0,
+            credit: Credit::new(0),
+            confirms: None,
+            tx: None,
+            pending: None,
+            info: Arc::new(ChannelInfo {
+                number: id,
+                ..ChannelInfo::default()
+            }),
+        }
+    }
+
+    /// Records a delivery needing an ack; returns its tag.
+    pub fn track(&mut self, queue: Arc<Queue>, entry: Entry, credit: Option<Arc<Credit>>) -> u64 {
+        self.delivery_tag += 1;
+        self.unacked.push_back(Unacked {
+            tag: self.delivery_tag,
+            queue,
+            entry,
+            credit,
+        });
+        self.info
+            .unacked
+            .store(self.unacked.len() as u32, Ordering::Relaxed);
+        self.delivery_tag
+    }
+
+    /// Removes the deliveries an ack/nack/reject names. `tag = 0` with
+    /// `multiple` means all. An unknown tag is a 406 channel error.
+    pub fn take_unacked(&mut self, tag: u64, multiple: bool) -> Result<Vec<Unacked>, AmqpError> {
+        let taken: Vec<Unacked> = if multiple {
+            let end = if tag == 0 {
+                self.unacked.len()
+            } else {
+                self.unacked.partition_point(|u| u.tag <= tag)
+            };
+            if end == 0 && tag != 0 {
+                return Err(unknown_tag(tag));
+            }
+            self.unacked.drain(..end).collect()
+        } else {
+            let index = self
+                .unacked
+                .binary_search_by_key(&tag, |u| u.tag)
+                .map_err(|_| unknown_tag(tag))?;
+            self.unacked.remove(index).into_iter().collect()
+        };
+        for unacked in &taken {
+            if let Some(credit) = &unacked.credit {
+                credit.release(1);
+            }
+        }
+        self.credit
+            .release(taken.iter().filter(|u| u.credit.is_some()).count() as u32);
+        self.info
+            .unacked
+            .store(self.unacked.len() as u32, Ordering::Relaxed);
+        Ok(taken)
+    }
+
+    /// Takes every unacked delivery (channel close, recover).
+    pub fn take_all_unacked(&mut self) -> Vec<Unacked> {
+        let all: Vec<Unacked> = self.unacked.drain(..).collect();
+        for unacked in &all {
+            if let Some(credit) = &unacked.credit {
+                credit.release(1);
+                self.credit.release(1);
+            }
+        }
+        self.info.unacked.store(0, Ordering::Relaxed);
+        all
+    }
+
+    /// Queues this channel consumes from (to re-dispatch after acks).
+    pub fn consumed_queues(&self) -> Vec<Arc<Queue>> {
+        let mut queues: Vec<Arc<Queue>> = Vec::new();
+        for consumer in self.consumers.values() {
+            if !queues.iter().any(|q| Arc::ptr_eq(q, &consumer.queue)) {
+                queues.push(consumer.queue.clone());
+            }
+        }
+        queues
+    }
+}
+
+fn unknown_tag(tag: u64) -> AmqpError {
+    AmqpError::new(
+        reply::PRECONDITION_FAILED,
+        format!("unknown delivery tag {tag}"),
+    )
+}

@@ -1,1 +1,1973 @@
-//! Placeholder: filled by the AMQP broker work.
+//! One AMQP connection: socket bytes <-> frames, the handshake, heartbeats,
+//! flow control, and the dispatch of channel methods. The only module that
+//! touches socket bytes. One task per connection owns all its channels, so
+//! channel state needs no locks; queues reach it through an mpsc mailbox.
+//!
+//! Writes are batched: frames are appended to one buffer and flushed once
+//! per batch of input (a read, or a burst of deliveries).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime};
+
+use amq_protocol::protocol::{
+    AMQPClass, basic, channel as amqp_channel, confirm, connection as amqp_connection, exchange,
+    queue as amqp_queue, tx,
+};
+use amq_protocol::types::{AMQPValue, FieldTable, LongString};
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+
+use crate::auth;
+use crate::broker::{Access, Broker, CompiledPermissions, ConnectionHandle};
+use crate::channel::{
+    BodyParts, Channel, ChannelConsumer, Confirms, PendingContent, TxOp, Unacked,
+};
+use crate::exchange::{Binding, Destination, ExchangeKind};
+use crate::limits;
+use crate::message::Message;
+use crate::meta::{Command, ExchangeDef, MetaError, QueueDef};
+use crate::protocol::{self, AmqpError, Encoder, Frame, reply};
+use crate::queue::{Consumer, Credit, Delivery, Queue};
+
+/// What other tasks send to a connection.
+#[derive(Debug)]
+pub enum Outbound {
+    /// A queue delivers a message to a consumer of this connection.
+    Deliver(Delivery),
+    /// The queue of a consumer was deleted (`basic.cancel` to the client).
+    ConsumerCancelled {
+        /// Channel number.
+        channel_id: u16,
+        /// Consumer tag.
+        consumer_tag: Arc<str>,
+    },
+    /// Close the connection (management API, shutdown).
+    Close {
+        /// Reply code.
+        code: u16,
+        /// Reply text.
+        text: String,
+    },
+}
+
+/// Why a connection ended badly (logged, never shown to other peers).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Socket error.
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    /// The peer did not finish the handshake in time or went silent.
+    #[error("timed out: {0}")]
+    Timeout(&'static str),
+    /// The peer closed the socket mid-handshake.
+    #[error("peer closed the connection")]
+    Eof,
+}
+
+/// Serves one accepted socket until it closes or `shutdown` fires.
+pub async fn serve(
+    broker: Arc<Broker>,
+    socket: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), Error> {
+    let _ = socket.set_nodelay(true);
+    let name = format!("{peer} -> {local}");
+    let (sender, receiver) = mpsc::unbounded_channel();
+    let mut connection = Connection {
+        id: broker.next_connection_id(),
+        broker: broker.clone(),
+        socket,
+        peer,
+        name,
+        read_buf: BytesMut::with_capacity(64 * 1024),
+        write_buf: BytesMut::with_capacity(64 * 1024),
+        encoder: Encoder::default(),
+        frame_max: limits::FRAME_SIZE_MIN,
+        channel_max: limits::CHANNELS_PER_CONNECTION_MAX,
+        heartbeat_s: 0,
+        vhost: String::new(),
+        user: String::new(),
+        permissions: None,
+        channels: HashMap::new(),
+        sender,
+        exclusive_queues: Vec::new(),
+        client_blocked_capable: false,
+        has_published: false,
+        blocked: false,
+        handle: None,
+        closing: false,
+        last_read: Instant::now(),
+        last_write: Instant::now(),
+    };
+    let handshake = tokio::time::timeout(
+        Duration::from_millis(limits::HANDSHAKE_TIMEOUT_MS),
+        connection.handshake(),
+    )
+    .await;
+    match handshake {
+        Ok(Ok(true)) => {}
+        Ok(Ok(false)) => return Ok(()),
+        Ok(Err(err)) => return Err(err),
+        Err(_) => return Err(Error::Timeout("handshake")),
+    }
+    broker.metrics.connections.inc();
+    let result = connection.run(receiver, &mut shutdown).await;
+    connection.cleanup();
+    broker.metrics.connections.dec();
+    result
+}
+
+struct Connection {
+    id: u64,
+    broker: Arc<Broker>,
+    socket: TcpStream,
+    peer: SocketAddr,
+    name: String,
+    read_buf: BytesMut,
+    write_buf: BytesMut,
+    encoder: Encoder,
+    frame_max: u32,
+    channel_max: u16,
+    heartbeat_s: u16,
+    vhost: String,
+    user: String,
+    permissions: Option<Arc<CompiledPermissions>>,
+    channels: HashMap<u16, Channel>,
+    sender: mpsc::UnboundedSender<Outbound>,
+    exclusive_queues: Vec<String>,
+    client_blocked_capable: bool,
+    has_published: bool,
+    blocked: bool,
+    handle: Option<Arc<ConnectionHandle>>,
+    /// We sent `connection.close` and await `close-ok`.
+    closing: bool,
+    last_read: Instant,
+    last_write: Instant,
+}
+
+/// Outcome of one frame for the main loop.
+enum Flow {
+    Continue,
+    /// The connection is done (close-ok exchanged or sent).
+    Stop,
+}
+
+impl Connection {
+    async fn flush(&mut self) -> Result<(), Error> {
+        if !self.write_buf.is_empty() {
+            self.socket.write_all(&self.write_buf).await?;
+            self.write_buf.clear();
+            self.last_write = Instant::now();
+        }
+        Ok(())
+    }
+
+    fn send_method(&mut self, channel: u16, method: AMQPClass) {
+        self.encoder.method(&mut self.write_buf, channel, &method);
+    }
+
+    /// Reads until one frame is available (handshake only).
+    async fn read_frame(&mut self) -> Result<Result<Frame, protocol::Error>, Error> {
+        loop {
+            match Frame::parse(&mut self.read_buf, self.frame_max) {
+                Ok(Some(frame)) => return Ok(Ok(frame)),
+                Ok(None) => {}
+                Err(err) => return Ok(Err(err)),
+            }
+            if self.socket.read_buf(&mut self.read_buf).await? == 0 {
+                return Err(Error::Eof);
+            }
+        }
+    }
+
+    /// Runs the handshake. Ok(false) when it ended without an open connection.
+    async fn handshake(&mut self) -> Result<bool, Error> {
+        while self.read_buf.len() < 8 {
+            if self.socket.read_buf(&mut self.read_buf).await? == 0 {
+                return Err(Error::Eof);
+            }
+        }
+        if &self.read_buf[..8] != protocol::PROTOCOL_HEADER {
+            self.socket.write_all(protocol::PROTOCOL_HEADER).await?;
+            return Ok(false);
+        }
+        self.read_buf.advance(8);
+        self.send_method(
+            0,
+            AMQPClass::Connection(amqp_connection::AMQPMethod::Start(amqp_connection::Start {
+                version_major: 0,
+                version_minor: 9,
+                server_properties: server_properties(&self.broker.settings.node_name),
+                mechanisms: auth::MECHANISMS.into(),
+                locales: "en_US".into(),
+            })),
+        );
+        self.flush().await?;
+        let start_ok = match self.read_frame().await? {
+            Ok(Frame::Method(0, method)) => match *method {
+                AMQPClass::Connection(amqp_connection::AMQPMethod::StartOk(start_ok)) => start_ok,
+                _ => {
+                    return self
+                        .refuse(reply::COMMAND_INVALID, "expected connection.start-ok")
+                        .await;
+                }
+            },
+            Ok(_) => {
+                return self
+                    .refuse(reply::COMMAND_INVALID, "expected connection.start-ok")
+                    .await;
+            }
+            Err(err) => return self.refuse(err.reply_code(), &err.to_string()).await,
+        };
+        if let Some(AMQPValue::FieldTable(capabilities)) =
+            start_ok.client_properties.inner().get("capabilities")
+        {
+            self.client_blocked_capable = matches!(
+                capabilities.inner().get("connection.blocked"),
+                Some(AMQPValue::Boolean(true))
+            );
+        }
+        let mechanism = start_ok.mechanism.as_str();
+        let Some(credentials) = auth::decode_response(mechanism, start_ok.response.as_bytes())
+        else {
+            self.broker.metrics.auth_failures_total.inc();
+            return self
+                .refuse(
+                    reply::ACCESS_REFUSED,
+                    &format!("ACCESS_REFUSED - Login was refused using authentication mechanism {mechanism}. For details see the broker logfile."),
+                )
+                .await;
+        };
+        let from_loopback = self.peer.ip().is_loopback();
+        match self
+            .broker
+            .authenticate(&credentials.username, &credentials.password, from_loopback)
+        {
+            Ok(user) => self.user = user.name,
+            Err(reason) => {
+                tracing::info!(peer = %self.peer, %reason, "authentication failed");
+                return self
+                    .refuse(
+                        reply::ACCESS_REFUSED,
+                        &format!("ACCESS_REFUSED - Login was refused using authentication mechanism {mechanism}. For details see the broker logfile."),
+                    )
+                    .await;
+            }
+        }
+        self.send_method(
+            0,
+            AMQPClass::Connection(amqp_connection::AMQPMethod::Tune(amqp_connection::Tune {
+                channel_max: limits::CHANNELS_PER_CONNECTION_MAX,
+                frame_max: limits::FRAME_SIZE_MAX,
+                heartbeat: limits::HEARTBEAT_INTERVAL_DEFAULT_S,
+            })),
+        );
+        self.flush().await?;
+        let tune_ok = match self.read_frame().await? {
+            Ok(Frame::Method(0, method)) => match *method {
+                AMQPClass::Connection(amqp_connection::AMQPMethod::TuneOk(tune_ok)) => tune_ok,
+                _ => {
+                    return self
+                        .refuse(reply::COMMAND_INVALID, "expected connection.tune-ok")
+                        .await;
+                }
+            },
+            Ok(_) => {
+                return self
+                    .refuse(reply::COMMAND_INVALID, "expected connection.tune-ok")
+                    .await;
+            }
+            Err(err) => return self.refuse(err.reply_code(), &err.to_string()).await,
+        };
+        if tune_ok.frame_max != 0 && tune_ok.frame_max < limits::FRAME_SIZE_MIN {
+            return self
+                .refuse(
+                    reply::NOT_ALLOWED,
+                    &format!(
+                        "NOT_ALLOWED - frame_max {} below minimum {}",
+                        tune_ok.frame_max,
+                        limits::FRAME_SIZE_MIN
+                    ),
+                )
+                .await;
+        }
+        self.frame_max = match tune_ok.frame_max {
+            0 => limits::FRAME_SIZE_MAX,
+            n => n.min(limits::FRAME_SIZE_MAX),
+        };
+        self.channel_max = match tune_ok.channel_max {
+            0 => limits::CHANNELS_PER_CONNECTION_MAX,
+            n => n.min(limits::CHANNELS_PER_CONNECTION_MAX),
+        };
+        self.heartbeat_s = tune_ok.heartbeat;
+        let open = match self.read_frame().await? {
+            Ok(Frame::Method(0, method)) => match *method {
+                AMQPClass::Connection(amqp_connection::AMQPMethod::Open(open)) => open,
+                _ => {
+                    return self
+                        .refuse(reply::COMMAND_INVALID, "expected connection.open")
+                        .await;
+                }
+            },
+            Ok(_) => {
+                return self
+                    .refuse(reply::COMMAND_INVALID, "expected connection.open")
+                    .await;
+            }
+            Err(err) => return self.refuse(err.reply_code(), &err.to_string()).await,
+        };
+        let vhost = open.virtual_host.as_str().to_string();
+        let permissions = if self.broker.has_vhost(&vhost) {
+            self.broker.permissions(&vhost, &self.user)
+        } else {
+            None
+        };
+        let Some(permissions) = permissions else {
+            let text = format!(
+                "NOT_ALLOWED - access to vhost '{vhost}' refused for user '{}'",
+                self.user
+            );
+            return self.refuse(reply::NOT_ALLOWED, &text).await;
+        };
+        self.vhost = vhost;
+        self.permissions = Some(permissions);
+        self.send_method(
+            0,
+            AMQPClass::Connection(amqp_connection::AMQPMethod::OpenOk(
+                amqp_connection::OpenOk {},
+            )),
+        );
+        self.flush().await?;
+        let handle = Arc::new(ConnectionHandle {
+            id: self.id,
+            name: self.name.clone(),
+            peer: self.peer,
+            user: self.user.clone(),
+            vhost: self.vhost.clone(),
+            connected_at_s: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            channels: Default::default(),
+            sender: self.sender.clone(),
+        });
+        self.broker.register_connection(handle.clone());
+        self.handle = Some(handle);
+        Ok(true)
+    }
+
+    /// Sends connection.close during the handshake and waits briefly for close-ok.
+    async fn refuse(&mut self, code: u16, text: &str) -> Result<bool, Error> {
+        self.send_close(code, text, 0, 0);
+        self.flush().await?;
+        let _ = tokio::time::timeout(Duration::from_millis(limits::CLOSE_OK_WAIT_MS), async {
+            loop {
+                match self.read_frame().await {
+                    Ok(Ok(Frame::Method(_, method)))
+                        if matches!(
+                            *method,
+                            AMQPClass::Connection(amqp_connection::AMQPMethod::CloseOk(_))
+                        ) =>
+                    {
+                        return;
+                    }
+                    Ok(Ok(_)) => {}
+                    _ => return,
+                }
+            }
+        })
+        .await;
+        Ok(false)
+    }
+
+    fn send_close(&mut self, code: u16, text: &str, class_id: u16, method_id: u16) {
+        self.send_method(
+            0,
+            AMQPClass::Connection(amqp_connection::AMQPMethod::Close(amqp_connection::Close {
+                reply_code: code,
+                reply_text: short(text).into(),
+                class_id,
+                method_id,
+            })),
+        );
+    }
+
+    async fn run(
+        &mut self,
+        mut receiver: mpsc::UnboundedReceiver<Outbound>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), Error> {
+        let heartbeat =
+            (self.heartbeat_s > 0).then(|| Duration::from_secs(u64::from(self.heartbeat_s)));
+        let mut ticker = tokio::time::interval(
+            heartbeat
+                .map(|h| h / 2)
+                .unwrap_or(Duration::from_secs(3600)),
+        );
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut alarm = self.broker.memory_alarm();
+        let mut closing_deadline: Option<Instant> = None;
+        // Frames left in the buffer after the handshake (pipelining clients).
+        if let Flow::Stop = self.process_input() {
+            self.flush().await?;
+            return Ok(());
+        }
+        self.flush().await?;
+        loop {
+            let read_paused = self.blocked && self.has_published && !self.closing;
+            tokio::select! {
+                read = self.socket.read_buf(&mut self.read_buf), if !read_paused => {
+                    if read? == 0 {
+                        return Ok(());
+                    }
+                    self.last_read = Instant::now();
+                    if let Flow::Stop = self.process_input() {
+                        self.flush().await?;
+                        return Ok(());
+                    }
+                }
+                outbound = receiver.recv() => {
+                    let Some(outbound) = outbound else { return Ok(()) };
+                    self.handle_outbound(outbound);
+                    // Drain a burst so one flush carries many deliveries.
+                    for _ in 0..limits::OUTBOUND_BATCH_MAX {
+                        match receiver.try_recv() {
+                            Ok(outbound) => self.handle_outbound(outbound),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                _ = ticker.tick() => {
+                    if let Some(interval) = heartbeat {
+                        if self.last_read.elapsed() > interval * 2 {
+                            tracing::info!(connection = %self.name, "missed heartbeats; closing");
+                            return Err(Error::Timeout("heartbeat"));
+                        }
+                        if self.last_write.elapsed() >= interval / 2 {
+                            self.encoder.heartbeat(&mut self.write_buf);
+                        }
+                    }
+                    if closing_deadline.is_some_and(|d| Instant::now() > d) {
+                        return Ok(());
+                    }
+                }
+                changed = alarm.changed() => {
+                    if changed.is_ok() {
+                        let on = *alarm.borrow_and_update();
+                        self.set_blocked(on);
+                    }
+                }
+                changed = shutdown.changed(), if !self.closing => {
+                    let _ = changed;
+                    self.begin_close(reply::CONNECTION_FORCED, "CONNECTION_FORCED - broker shutdown", 0, 0);
+                }
+            }
+            if self.closing && closing_deadline.is_none() {
+                closing_deadline =
+                    Some(Instant::now() + Duration::from_millis(limits::CLOSE_OK_WAIT_MS));
+                ticker = tokio::time::interval(Duration::from_millis(100));
+            }
+            self.flush().await?;
+        }
+    }
+
+    fn set_blocked(&mut self, on: bool) {
+        if on == self.blocked {
+            return;
+        }
+        self.blocked = on;
+        if !self.client_blocked_capable {
+            return;
+        }
+        let method = if on {
+            amqp_connection::AMQPMethod::Blocked(amqp_connection::Blocked {
+                reason: "low on memory".into(),
+            })
+        } else {
+            amqp_connection::AMQPMethod::Unblocked(amqp_connection::Unblocked {})
+        };
+        self.send_method(0, AMQPClass::Connection(method));
+    }
+
+    /// Parses and handles every complete frame in the read buffer.
+    fn process_input(&mut self) -> Flow {
+        loop {
+            let frame = match Frame::parse(&mut self.read_buf, self.frame_max) {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break,
+                Err(err) => {
+                    tracing::info!(connection = %self.name, %err, "bad frame; closing");
+                    let text = format!("{} - {err}", reply::name(err.reply_code()));
+                    self.send_close(err.reply_code(), &text, 0, 0);
+                    self.read_buf.clear();
+                    // A framing error leaves the stream unreadable: close now.
+                    return Flow::Stop;
+                }
+            };
+            match self.handle_frame(frame) {
+                Ok(Flow::Continue) => {}
+                Ok(Flow::Stop) => return Flow::Stop,
+                Err(err) => {
+                    tracing::info!(connection = %self.name, %err, "connection error");
+                    self.begin_close(err.code, &err.text, err.class_id, err.method_id);
+                }
+            }
+            if self.blocked && self.has_published {
+                break;
+            }
+        }
+        self.flush_confirms();
+        Flow::Continue
+    }
+
+    fn begin_close(&mut self, code: u16, text: &str, class_id: u16, method_id: u16) {
+        if self.closing {
+            return;
+        }
+        self.closing = true;
+        self.send_close(code, text, class_id, method_id);
+        // Release resources now; frames after close are ignored.
+        self.release_channels();
+    }
+
+    fn handle_frame(&mut self, frame: Frame) -> Result<Flow, AmqpError> {
+        if self.closing {
+            // After sending close, only close / close-ok matter.
+            if let Frame::Method(0, method) = &frame {
+                match **method {
+                    AMQPClass::Connection(amqp_connection::AMQPMethod::CloseOk(_)) => {
+                        return Ok(Flow::Stop);
+                    }
+                    AMQPClass::Connection(amqp_connection::AMQPMethod::Close(_)) => {
+                        self.send_method(
+                            0,
+                            AMQPClass::Connection(amqp_connection::AMQPMethod::CloseOk(
+                                amqp_connection::CloseOk {},
+                            )),
+                        );
+                        return Ok(Flow::Stop);
+                    }
+                    _ => {}
+                }
+            }
+            return Ok(Flow::Continue);
+        }
+        match frame {
+            Frame::Heartbeat(0) => Ok(Flow::Continue),
+            Frame::Heartbeat(_) => Err(AmqpError::new(
+                reply::COMMAND_INVALID,
+                "heartbeat frame on a non-zero channel",
+            )),
+            Frame::Method(0, method) => self.handle_connection_method(*method),
+            Frame::Method(channel_id, method) => {
+                let class_id = method.get_amqp_class_id();
+                let method_id = method.get_amqp_method_id();
+                self.handle_channel_method(channel_id, *method)
+                    .map(|()| Flow::Continue)
+                    .map_err(|e| e.on_method(class_id, method_id))
+            }
+            Frame::Header {
+                channel,
+                class_id,
+                body_size,
+                properties,
+                properties_raw,
+            } => {
+                self.handle_header(channel, class_id, body_size, *properties, properties_raw)?;
+                Ok(Flow::Continue)
+            }
+            Frame::Body(channel, bytes) => {
+                self.handle_body(channel, bytes)?;
+                Ok(Flow::Continue)
+            }
+        }
+    }
+
+    fn handle_connection_method(&mut self, method: AMQPClass) -> Result<Flow, AmqpError> {
+        match method {
+            AMQPClass::Connection(amqp_connection::AMQPMethod::Close(_)) => {
+                self.send_method(
+                    0,
+                    AMQPClass::Connection(amqp_connection::AMQPMethod::CloseOk(
+                        amqp_connection::CloseOk {},
+                    )),
+                );
+                Ok(Flow::Stop)
+            }
+            AMQPClass::Connection(amqp_connection::AMQPMethod::CloseOk(_)) => Ok(Flow::Stop),
+            AMQPClass::Connection(amqp_connection::AMQPMethod::UpdateSecret(_)) => {
+                self.send_method(
+                    0,
+                    AMQPClass::Connection(amqp_connection::AMQPMethod::UpdateSecretOk(
+                        amqp_connection::UpdateSecretOk {},
+                    )),
+                );
+                Ok(Flow::Continue)
+            }
+            other => Err(
+                AmqpError::new(reply::COMMAND_INVALID, "unexpected method on channel 0")
+                    .on_method(other.get_amqp_class_id(), other.get_amqp_method_id()),
+            ),
+        }
+    }
+
+    fn perms(&self) -> &CompiledPermissions {
+        self.permissions
+            .as_deref()
+            .expect("permissions are set before the connection leaves the handshake")
+    }
+
+    fn check(&self, access: Access, kind: &str, name: &str) -> Result<(), AmqpError> {
+        let resource = if kind == "exchange" && name.is_empty() {
+            "amq.default"
+        } else {
+            name
+        };
+        if self.perms().allows(access, resource) {
+            Ok(())
+        } else {
+            let what = match access {
+                Access::Configure => "configure",
+                Access::Write => "write",
+                Access::Read => "read",
+            };
+            tracing::debug!(user = %self.user, %what, %kind, %name, "permission denied");
+            Err(AmqpError::new(
+                reply::ACCESS_REFUSED,
+                format!(
+                    "{what} access to {kind} '{resource}' in vhost '{}' refused for user '{}'",
+                    self.vhost, self.user
+                ),
+            ))
+        }
+    }
+
+    fn channel_mut(&mut self, id: u16) -> Result<&mut Channel, AmqpError> {
+        self.channels.get_mut(&id).ok_or_else(|| {
+            AmqpError::new(
+                reply::CHANNEL_ERROR,
+                format!("expected 'channel.open' on channel {id}"),
+            )
+        })
+    }
+
+    fn handle_channel_method(
+        &mut self,
+        channel_id: u16,
+        method: AMQPClass,
+    ) -> Result<(), AmqpError> {
+        if let AMQPClass::Channel(amqp_channel::AMQPMethod::Open(_)) = method {
+            if channel_id > self.channel_max {
+                return Err(AmqpError::new(
+                    reply::CHANNEL_ERROR,
+                    format!(
+                        "channel {channel_id} above channel_max {}",
+                        self.channel_max
+                    ),
+                ));
+            }
+            if self.channels.contains_key(&channel_id) {
+                return Err(AmqpError::new(
+                    reply::CHANNEL_ERROR,
+                    format!("second 'channel.open' seen on channel {channel_id}"),
+                ));
+            }
+            let channel = Channel::new(channel_id);
+            if let Some(handle) = &self.handle {
+                handle
+                    .channels
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(channel_id, channel.info.clone());
+            }
+            self.channels.insert(channel_id, channel);
+            self.broker.metrics.channels.inc();
+            self.send_method(
+                channel_id,
+                AMQPClass::Channel(amqp_channel::AMQPMethod::OpenOk(amqp_channel::OpenOk {})),
+            );
+            return Ok(());
+        }
+        if let AMQPClass::Connection(_) = method {
+            return Err(AmqpError::new(
+                reply::COMMAND_INVALID,
+                format!("connection method on channel {channel_id}"),
+            ));
+        }
+        let channel = self.channel_mut(channel_id)?;
+        if channel.closing {
+            match method {
+                AMQPClass::Channel(amqp_channel::AMQPMethod::CloseOk(_)) => {
+                    self.drop_channel(channel_id);
+                }
+                AMQPClass::Channel(amqp_channel::AMQPMethod::Close(_)) => {
+                    self.send_method(
+                        channel_id,
+                        AMQPClass::Channel(amqp_channel::AMQPMethod::CloseOk(
+                            amqp_channel::CloseOk {},
+                        )),
+                    );
+                }
+                _ => {}
+            }
+            return Ok(());
+        }
+        if channel.pending.is_some() {
+            return Err(AmqpError::new(
+                reply::UNEXPECTED_FRAME,
+                format!(
+                    "expected content header for class 60, got a method on channel {channel_id}"
+                ),
+            ));
+        }
+        let class_id = method.get_amqp_class_id();
+        let method_id = method.get_amqp_method_id();
+        match self.handle_method(channel_id, method) {
+            Ok(()) => Ok(()),
+            Err(err) if err.is_hard() => Err(err),
+            Err(err) => {
+                let err = err.on_method(class_id, method_id);
+                self.close_channel(channel_id, err);
+                Ok(())
+            }
+        }
+    }
+
+    /// Soft error: close the channel with the code and release its resources.
+    fn close_channel(&mut self, channel_id: u16, err: AmqpError) {
+        tracing::debug!(connection = %self.name, channel = channel_id, %err, "channel error");
+        self.release_channel(channel_id);
+        if let Some(channel) = self.channels.get_mut(&channel_id) {
+            channel.closing = true;
+            channel.pending = None;
+        }
+        self.send_method(
+            channel_id,
+            AMQPClass::Channel(amqp_channel::AMQPMethod::Close(amqp_channel::Close {
+                reply_code: err.code,
+                reply_text: short(&err.text).into(),
+                class_id: err.class_id,
+                method_id: err.method_id,
+            })),
+        );
+    }
+
+    fn drop_channel(&mut self, channel_id: u16) {
+        self.release_channel(channel_id);
+        if self.channels.remove(&channel_id).is_some() {
+            self.broker.metrics.channels.dec();
+            if let Some(handle) = &self.handle {
+                handle
+                    .channels
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&channel_id);
+            }
+        }
+    }
+
+    /// Cancels consumers and requeues unacked deliveries of a channel.
+    fn release_channel(&mut self, channel_id: u16) {
+        let Some(channel) = self.channels.get_mut(&channel_id) else {
+            return;
+        };
+        let consumers: Vec<(Arc<str>, ChannelConsumer)> = channel.consumers.drain().collect();
+        channel.info.consumers.store(0, Ordering::Relaxed);
+        let unacked = channel.take_all_unacked();
+        channel.tx = None;
+        let now = Instant::now();
+        let mut auto_delete = Vec::new();
+        for (tag, consumer) in consumers {
+            if consumer
+                .queue
+                .remove_consumer(self.id, channel_id, &tag, now)
+            {
+                auto_delete.push(consumer.queue.clone());
+            }
+        }
+        self.requeue(unacked);
+        for queue in auto_delete {
+            let _ = self.broker.execute(Command::DeleteQueue {
+                vhost: queue.vhost.clone(),
+                name: queue.name().to_string(),
+            });
+        }
+    }
+
+    fn release_channels(&mut self) {
+        let ids: Vec<u16> = self.channels.keys().copied().collect();
+        for id in ids {
+            self.release_channel(id);
+        }
+    }
+
+    fn requeue(&self, unacked: Vec<Unacked>) {
+        let now = Instant::now();
+        let mut dead = Vec::new();
+        for (queue, entries) in group_by_queue(unacked) {
+            queue.requeue(
+                entries.into_iter().map(|u| u.entry).collect(),
+                now,
+                &mut dead,
+            );
+        }
+        self.broker.dead_letter(dead);
+    }
+
+    fn cleanup(&mut self) {
+        self.release_channels();
+        let ids: Vec<u16> = self.channels.keys().copied().collect();
+        for id in ids {
+            self.drop_channel(id);
+        }
+        for name in std::mem::take(&mut self.exclusive_queues) {
+            let _ = self.broker.execute(Command::DeleteQueue {
+                vhost: self.vhost.clone(),
+                name,
+            });
+        }
+        self.broker.unregister_connection(self.id);
+    }
+
+    fn handle_outbound(&mut self, outbound: Outbound) {
+        match outbound {
+            Outbound::Deliver(delivery) => self.deliver(delivery),
+            Outbound::ConsumerCancelled {
+                channel_id,
+                consumer_tag,
+            } => {
+                let Some(channel) = self.channels.get_mut(&channel_id) else {
+                    return;
+                };
+                if channel.consumers.remove(&consumer_tag).is_none() || channel.closing {
+                    return;
+                }
+                channel
+                    .info
+                    .consumers
+                    .store(channel.consumers.len() as u32, Ordering::Relaxed);
+                self.send_method(
+                    channel_id,
+                    AMQPClass::Basic(basic::AMQPMethod::Cancel(basic::Cancel {
+                        consumer_tag: consumer_tag.as_ref().into(),
+                        nowait: true,
+                    })),
+                );
+            }
+            Outbound::Close { code, text } => {
+                self.begin_close(code, &text, 0, 0);
+            }
+        }
+    }
+
+    fn deliver(&mut self, delivery: Delivery) {
+        let Delivery {
+            channel_id,
+            consumer_tag,
+            queue,
+            entry,
+            no_ack,
+        } = delivery;
+        let live = self.channels.get(&channel_id).is_some_and(|c| {
+            !c.closing && !self.closing && c.consumers.contains_key(&consumer_tag)
+        });
+        if !live {
+            // Raced with a cancel or close: give the message back.
+            if !no_ack {
+                let credit = self.channels.get(&channel_id).map(|c| c.credit.clone());
+                if let Some(credit) = credit {
+                    credit.release(1);
+                }
+                let mut dead = Vec::new();
+                queue.requeue(vec![entry], Instant::now(), &mut dead);
+                self.broker.dead_letter(dead);
+            }
+            return;
+        }
+        let frame_max = self.frame_max;
+        let Some(channel) = self.channels.get_mut(&channel_id) else {
+            return;
+        };
+        let message = entry.message.clone();
+        let redelivered = entry.redelivered;
+        let tag = if no_ack {
+            channel.delivery_tag += 1;
+            channel.delivery_tag
+        } else {
+            let credit = channel
+                .consumers
+                .get(&consumer_tag)
+                .map(|c| c.credit.clone());
+            channel.track(queue, entry, credit)
+        };
+        self.encoder.deliver(
+            &mut self.write_buf,
+            channel_id,
+            &consumer_tag,
+            tag,
+            redelivered,
+            &message.exchange,
+            &message.routing_key,
+        );
+        self.encoder.content(
+            &mut self.write_buf,
+            channel_id,
+            &message.properties_raw,
+            &message.body,
+            frame_max,
+        );
+    }
+
+    fn handle_header(
+        &mut self,
+        channel_id: u16,
+        class_id: u16,
+        body_size: u64,
+        properties: amq_protocol::protocol::basic::AMQPProperties,
+        properties_raw: bytes::Bytes,
+    ) -> Result<(), AmqpError> {
+        let channel = self.channel_mut(channel_id)?;
+        if channel.closing {
+            return Ok(());
+        }
+        let Some(pending) = channel.pending.as_mut() else {
+            return Err(AmqpError::new(
+                reply::UNEXPECTED_FRAME,
+                format!("content header on channel {channel_id} without basic.publish"),
+            ));
+        };
+        if pending.header.is_some() || class_id != protocol::CLASS_BASIC {
+            return Err(AmqpError::new(
+                reply::UNEXPECTED_FRAME,
+                format!("unexpected content header on channel {channel_id}"),
+            ));
+        }
+        if body_size > limits::MESSAGE_SIZE_MAX {
+            let err = AmqpError::new(
+                reply::PRECONDITION_FAILED,
+                format!(
+                    "message size {body_size} is larger than configured max size {}",
+                    limits::MESSAGE_SIZE_MAX
+                ),
+            )
+            .on_method(60, 40);
+            self.close_channel(channel_id, err);
+            return Ok(());
+        }
+        pending.header = Some((body_size, properties, properties_raw));
+        if body_size == 0 {
+            self.complete_publish(channel_id);
+        }
+        Ok(())
+    }
+
+    fn handle_body(&mut self, channel_id: u16, bytes: bytes::Bytes) -> Result<(), AmqpError> {
+        let channel = self.channel_mut(channel_id)?;
+        if channel.closing {
+            return Ok(());
+        }
+        let Some(pending) = channel.pending.as_mut() else {
+            return Err(AmqpError::new(
+                reply::UNEXPECTED_FRAME,
+                format!("content body on channel {channel_id} without basic.publish"),
+            ));
+        };
+        let Some((size, _, _)) = &pending.header else {
+            return Err(AmqpError::new(
+                reply::UNEXPECTED_FRAME,
+                format!("content body on channel {channel_id} before its header"),
+            ));
+        };
+        let size = *size;
+        if pending.body.len() as u64 + bytes.len() as u64 > size {
+            return Err(AmqpError::new(
+                reply::FRAME_ERROR,
+                format!(
+                    "content body on channel {channel_id} longer than the {size} bytes announced"
+                ),
+            ));
+        }
+        pending.body.push(bytes);
+        if pending.body.len() as u64 == size {
+            self.complete_publish(channel_id);
+        }
+        Ok(())
+    }
+
+    fn complete_publish(&mut self, channel_id: u16) {
+        let Some(channel) = self.channels.get_mut(&channel_id) else {
+            return;
+        };
+        let Some(pending) = channel.pending.take() else {
+            return;
+        };
+        let PendingContent {
+            exchange,
+            routing_key,
+            mandatory,
+            header,
+            body,
+        } = pending;
+        let Some((_, properties, properties_raw)) = header else {
+            return;
+        };
+        self.broker.metrics.messages_published_total.inc();
+        let message = Arc::new(Message {
+            exchange,
+            routing_key,
+            properties,
+            properties_raw,
+            body: body.finish(),
+        });
+        if let Some(expiration) = message.properties.expiration()
+            && expiration.as_str().parse::<u64>().is_err()
+        {
+            let err = AmqpError::new(
+                reply::PRECONDITION_FAILED,
+                format!("invalid expiration '{}'", expiration.as_str()),
+            )
+            .on_method(60, 40);
+            self.close_channel(channel_id, err);
+            return;
+        }
+        if let Some(ops) = channel.tx.as_mut() {
+            ops.push(TxOp::Publish { message, mandatory });
+            return;
+        }
+        if let Err(err) = self.route_publish(channel_id, message, mandatory) {
+            self.close_channel(channel_id, err.on_method(60, 40));
+        }
+    }
+
+    fn route_publish(
+        &mut self,
+        channel_id: u16,
+        message: Arc<Message>,
+        mandatory: bool,
+    ) -> Result<(), AmqpError> {
+        self.has_published = true;
+        let published = self.broker.publish(&self.vhost, message.clone())?;
+        if published.n_queues == 0 && !published.rejected {
+            if mandatory {
+                self.broker.metrics.messages_unroutable_returned_total.inc();
+                self.send_method(
+                    channel_id,
+                    AMQPClass::Basic(basic::AMQPMethod::Return(basic::Return {
+                        reply_code: reply::NO_ROUTE,
+                        reply_text: "NO_ROUTE".into(),
+                        exchange: message.exchange.as_str().into(),
+                        routing_key: message.routing_key.as_str().into(),
+                    })),
+                );
+                let frame_max = self.frame_max;
+                self.encoder.content(
+                    &mut self.write_buf,
+                    channel_id,
+                    &message.properties_raw,
+                    &message.body,
+                    frame_max,
+                );
+            } else {
+                self.broker.metrics.messages_unroutable_dropped_total.inc();
+            }
+        }
+        let Some(channel) = self.channels.get_mut(&channel_id) else {
+            return Ok(());
+        };
+        if let Some(confirms) = channel.confirms.as_mut() {
+            confirms.published += 1;
+            let seq = confirms.published;
+            if published.rejected {
+                // Acks before this one go first, then the nack alone.
+                let pending_acks = std::mem::take(&mut confirms.acked_through);
+                let sent = confirms.sent_through;
+                confirms.sent_through = seq;
+                if pending_acks > sent {
+                    self.send_ack_confirm(channel_id, pending_acks, pending_acks - sent > 1);
+                }
+                self.send_method(
+                    channel_id,
+                    AMQPClass::Basic(basic::AMQPMethod::Nack(basic::Nack {
+                        delivery_tag: seq,
+                        multiple: false,
+                        requeue: false,
+                    })),
+                );
+            } else {
+                confirms.acked_through = seq;
+            }
+        }
+        Ok(())
+    }
+
+    fn send_ack_confirm(&mut self, channel_id: u16, tag: u64, multiple: bool) {
+        self.send_method(
+            channel_id,
+            AMQPClass::Basic(basic::AMQPMethod::Ack(basic::Ack {
+                delivery_tag: tag,
+                multiple,
+            })),
+        );
+    }
+
+    /// Sends one (possibly multiple) ack per channel for the confirms
+    /// gathered during this batch.
+    fn flush_confirms(&mut self) {
+        let mut acks = Vec::new();
+        for (id, channel) in &mut self.channels {
+            if let Some(confirms) = channel.confirms.as_mut()
+                && confirms.acked_through > confirms.sent_through
+            {
+                let n = confirms.acked_through - confirms.sent_through;
+                acks.push((*id, confirms.acked_through, n > 1, n));
+                confirms.sent_through = confirms.acked_through;
+            }
+        }
+        for (id, tag, multiple, n) in acks {
+            self.broker.metrics.messages_confirmed_total.inc_by(n);
+            self.send_ack_confirm(id, tag, multiple);
+        }
+    }
+
+    fn handle_method(&mut self, channel_id: u16, method: AMQPClass) -> Result<(), AmqpError> {
+        match method {
+            AMQPClass::Basic(basic::AMQPMethod::Publish(publish)) => {
+                if publish.immediate {
+                    return Err(AmqpError::new(reply::NOT_IMPLEMENTED, "immediate=true"));
+                }
+                let exchange = publish.exchange.as_str();
+                self.check(Access::Write, "exchange", exchange)?;
+                if let Some(def) = self.broker.exchange(&self.vhost, exchange) {
+                    if def.internal {
+                        return Err(AmqpError::new(
+                            reply::ACCESS_REFUSED,
+                            format!(
+                                "cannot publish to internal exchange '{exchange}' in vhost '{}'",
+                                self.vhost
+                            ),
+                        ));
+                    }
+                } else {
+                    return Err(AmqpError::new(
+                        reply::NOT_FOUND,
+                        format!("no exchange '{exchange}' in vhost '{}'", self.vhost),
+                    ));
+                }
+                let channel = self.channel_mut(channel_id)?;
+                channel.pending = Some(PendingContent {
+                    exchange: exchange.to_string(),
+                    routing_key: publish.routing_key.as_str().to_string(),
+                    mandatory: publish.mandatory,
+                    header: None,
+                    body: BodyParts::Empty,
+                });
+                Ok(())
+            }
+            AMQPClass::Basic(basic::AMQPMethod::Ack(ack)) => {
+                let channel = self.channel_mut(channel_id)?;
+                if let Some(ops) = channel.tx.as_mut() {
+                    ops.push(TxOp::Ack {
+                        tag: ack.delivery_tag,
+                        multiple: ack.multiple,
+                    });
+                    return Ok(());
+                }
+                self.settle_ack(channel_id, ack.delivery_tag, ack.multiple)
+            }
+            AMQPClass::Basic(basic::AMQPMethod::Nack(nack)) => {
+                let channel = self.channel_mut(channel_id)?;
+                if let Some(ops) = channel.tx.as_mut() {
+                    ops.push(TxOp::Nack {
+                        tag: nack.delivery_tag,
+                        multiple: nack.multiple,
+                        requeue: nack.requeue,
+                    });
+                    return Ok(());
+                }
+                self.settle_nack(channel_id, nack.delivery_tag, nack.multiple, nack.requeue)
+            }
+            AMQPClass::Basic(basic::AMQPMethod::Reject(reject)) => {
+                let channel = self.channel_mut(channel_id)?;
+                if let Some(ops) = channel.tx.as_mut() {
+                    ops.push(TxOp::Nack {
+                        tag: reject.delivery_tag,
+                        multiple: false,
+                        requeue: reject.requeue,
+                    });
+                    return Ok(());
+                }
+                self.settle_nack(channel_id, reject.delivery_tag, false, reject.requeue)
+            }
+            AMQPClass::Basic(basic::AMQPMethod::Qos(qos)) => {
+                let channel = self.channel_mut(channel_id)?;
+                let prefetch = u32::from(qos.prefetch_count);
+                if qos.global {
+                    channel.credit.prefetch.store(prefetch, Ordering::Relaxed);
+                    channel
+                        .info
+                        .global_prefetch
+                        .store(prefetch, Ordering::Relaxed);
+                } else {
+                    channel.consumer_prefetch = prefetch;
+                    channel.info.prefetch.store(prefetch, Ordering::Relaxed);
+                }
+                self.send_method(
+                    channel_id,
+                    AMQPClass::Basic(basic::AMQPMethod::QosOk(basic::QosOk {})),
+                );
+                // A raised global limit may let queues deliver again.
+                self.redispatch(channel_id);
+                Ok(())
+            }
+            AMQPClass::Basic(basic::AMQPMethod::Consume(consume)) => {
+                self.consume(channel_id, consume)
+            }
+            AMQPClass::Basic(basic::AMQPMethod::Cancel(cancel)) => {
+                let channel = self.channel_mut(channel_id)?;
+                let tag: Arc<str> = Arc::from(cancel.consumer_tag.as_str());
+                if let Some(consumer) = channel.consumers.remove(&tag) {
+                    channel
+                        .info
+                        .consumers
+                        .store(channel.consumers.len() as u32, Ordering::Relaxed);
+                    if consumer
+                        .queue
+                        .remove_consumer(self.id, channel_id, &tag, Instant::now())
+                    {
+                        let _ = self.broker.execute(Command::DeleteQueue {
+                            vhost: consumer.queue.vhost.clone(),
+                            name: consumer.queue.name().to_string(),
+                        });
+                    }
+                }
+                if !cancel.nowait {
+                    self.send_method(
+                        channel_id,
+                        AMQPClass::Basic(basic::AMQPMethod::CancelOk(basic::CancelOk {
+                            consumer_tag: cancel.consumer_tag,
+                        })),
+                    );
+                }
+                Ok(())
+            }
+            AMQPClass::Basic(basic::AMQPMethod::Get(get)) => self.get(channel_id, get),
+            AMQPClass::Basic(basic::AMQPMethod::Recover(_)) => {
+                let unacked = self.channel_mut(channel_id)?.take_all_unacked();
+                self.requeue(unacked);
+                self.send_method(
+                    channel_id,
+                    AMQPClass::Basic(basic::AMQPMethod::RecoverOk(basic::RecoverOk {})),
+                );
+                Ok(())
+            }
+            AMQPClass::Basic(basic::AMQPMethod::RecoverAsync(_)) => {
+                let unacked = self.channel_mut(channel_id)?.take_all_unacked();
+                self.requeue(unacked);
+                Ok(())
+            }
+            AMQPClass::Channel(amqp_channel::AMQPMethod::Close(_)) => {
+                self.drop_channel(channel_id);
+                self.send_method(
+                    channel_id,
+                    AMQPClass::Channel(amqp_channel::AMQPMethod::CloseOk(amqp_channel::CloseOk {})),
+                );
+                Ok(())
+            }
+            AMQPClass::Channel(amqp_channel::AMQPMethod::CloseOk(_)) => Ok(()),
+            AMQPClass::Channel(amqp_channel::AMQPMethod::Flow(flow)) => {
+                let channel = self.channel_mut(channel_id)?;
+                channel.credit.paused.store(!flow.active, Ordering::Relaxed);
+                self.send_method(
+                    channel_id,
+                    AMQPClass::Channel(amqp_channel::AMQPMethod::FlowOk(amqp_channel::FlowOk {
+                        active: flow.active,
+                    })),
+                );
+                if flow.active {
+                    self.redispatch(channel_id);
+                }
+                Ok(())
+            }
+            AMQPClass::Channel(amqp_channel::AMQPMethod::FlowOk(_)) => Ok(()),
+            AMQPClass::Access(_) => {
+                self.send_method(
+                    channel_id,
+                    AMQPClass::Access(amq_protocol::protocol::access::AMQPMethod::RequestOk(
+                        amq_protocol::protocol::access::RequestOk {},
+                    )),
+                );
+                Ok(())
+            }
+            AMQPClass::Exchange(method) => self.exchange_method(channel_id, method),
+            AMQPClass::Queue(method) => self.queue_method(channel_id, method),
+            AMQPClass::Confirm(confirm::AMQPMethod::Select(select)) => {
+                let channel = self.channel_mut(channel_id)?;
+                if channel.tx.is_some() {
+                    return Err(AmqpError::new(
+                        reply::PRECONDITION_FAILED,
+                        "cannot switch from tx to confirm mode",
+                    ));
+                }
+                if channel.confirms.is_none() {
+                    channel.confirms = Some(Confirms::default());
+                    channel.info.confirm.store(1, Ordering::Relaxed);
+                }
+                if !select.nowait {
+                    self.send_method(
+                        channel_id,
+                        AMQPClass::Confirm(confirm::AMQPMethod::SelectOk(confirm::SelectOk {})),
+                    );
+                }
+                Ok(())
+            }
+            AMQPClass::Tx(tx::AMQPMethod::Select(_)) => {
+                let channel = self.channel_mut(channel_id)?;
+                if channel.confirms.is_some() {
+                    return Err(AmqpError::new(
+                        reply::PRECONDITION_FAILED,
+                        "cannot switch from confirm to tx mode",
+                    ));
+                }
+                if channel.tx.is_none() {
+                    channel.tx = Some(Vec::new());
+                    channel.info.transactional.store(1, Ordering::Relaxed);
+                }
+                self.send_method(
+                    channel_id,
+                    AMQPClass::Tx(tx::AMQPMethod::SelectOk(tx::SelectOk {})),
+                );
+                Ok(())
+            }
+            AMQPClass::Tx(tx::AMQPMethod::Commit(_)) => {
+                let channel = self.channel_mut(channel_id)?;
+                let Some(ops) = channel.tx.replace(Vec::new()) else {
+                    return Err(AmqpError::new(
+                        reply::PRECONDITION_FAILED,
+                        "channel is not transactional",
+                    ));
+                };
+                for op in ops {
+                    match op {
+                        TxOp::Publish { message, mandatory } => {
+                            self.route_publish(channel_id, message, mandatory)?
+                        }
+                        TxOp::Ack { tag, multiple } => {
+                            self.settle_ack(channel_id, tag, multiple)?
+                        }
+                        TxOp::Nack {
+                            tag,
+                            multiple,
+                            requeue,
+                        } => self.settle_nack(channel_id, tag, multiple, requeue)?,
+                    }
+                }
+                self.send_method(
+                    channel_id,
+                    AMQPClass::Tx(tx::AMQPMethod::CommitOk(tx::CommitOk {})),
+                );
+                Ok(())
+            }
+            AMQPClass::Tx(tx::AMQPMethod::Rollback(_)) => {
+                let channel = self.channel_mut(channel_id)?;
+                if channel.tx.replace(Vec::new()).is_none() {
+                    return Err(AmqpError::new(
+                        reply::PRECONDITION_FAILED,
+                        "channel is not transactional",
+                    ));
+                }
+                self.send_method(
+                    channel_id,
+                    AMQPClass::Tx(tx::AMQPMethod::RollbackOk(tx::RollbackOk {})),
+                );
+                Ok(())
+            }
+            other => Err(AmqpError::new(
+                reply::COMMAND_INVALID,
+                format!(
+                    "method {}/{} not valid from a client",
+                    other.get_amqp_class_id(),
+                    other.get_amqp_method_id()
+                ),
+            )),
+        }
+    }
+
+    fn redispatch(&mut self, channel_id: u16) {
+        let Some(channel) = self.channels.get(&channel_id) else {
+            return;
+        };
+        let now = Instant::now();
+        let mut dead = Vec::new();
+        for queue in channel.consumed_queues() {
+            queue.dispatch(now, &mut dead);
+        }
+        self.broker.dead_letter(dead);
+    }
+
+    fn settle_ack(&mut self, channel_id: u16, tag: u64, multiple: bool) -> Result<(), AmqpError> {
+        let taken = self.channel_mut(channel_id)?.take_unacked(tag, multiple)?;
+        self.broker
+            .metrics
+            .messages_acknowledged_total
+            .inc_by(taken.len() as u64);
+        for (queue, entries) in group_by_queue(taken) {
+            queue.ack(entries.len() as u64);
+        }
+        self.redispatch(channel_id);
+        Ok(())
+    }
+
+    fn settle_nack(
+        &mut self,
+        channel_id: u16,
+        tag: u64,
+        multiple: bool,
+        requeue: bool,
+    ) -> Result<(), AmqpError> {
+        let taken = self.channel_mut(channel_id)?.take_unacked(tag, multiple)?;
+        if requeue {
+            self.requeue(taken);
+        } else {
+            let mut dead = Vec::new();
+            for unacked in taken {
+                unacked.queue.reject(&unacked.entry, &mut dead);
+            }
+            self.broker.dead_letter(dead);
+        }
+        self.redispatch(channel_id);
+        Ok(())
+    }
+
+    /// Looks up a queue for a client operation: 404 when missing, 405 when
+    /// exclusive to another connection.
+    fn lookup_queue(&self, name: &str) -> Result<Arc<Queue>, AmqpError> {
+        let queue = self.broker.queue(&self.vhost, name).ok_or_else(|| {
+            AmqpError::new(
+                reply::NOT_FOUND,
+                format!("no queue '{name}' in vhost '{}'", self.vhost),
+            )
+        })?;
+        self.check_exclusive(&queue)?;
+        Ok(queue)
+    }
+
+    fn check_exclusive(&self, queue: &Queue) -> Result<(), AmqpError> {
+        match &queue.def.exclusive_owner {
+            Some(owner) if owner != &self.name => Err(AmqpError::new(
+                reply::RESOURCE_LOCKED,
+                format!(
+                    "cannot obtain exclusive access to locked queue '{}' in vhost '{}'. It could be originally declared on another connection or the exclusive property value does not match that of the original declaration.",
+                    queue.name(),
+                    self.vhost
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    fn consume(&mut self, channel_id: u16, consume: basic::Consume) -> Result<(), AmqpError> {
+        let queue_name = consume.queue.as_str();
+        self.check(Access::Read, "queue", queue_name)?;
+        let queue = self.lookup_queue(queue_name)?;
+        let connection_id = self.id;
+        let sender = self.sender.clone();
+        let channel = self.channel_mut(channel_id)?;
+        let tag: Arc<str> = if consume.consumer_tag.as_str().is_empty() {
+            Arc::from(Broker::generate_name("amq.ctag-"))
+        } else {
+            Arc::from(consume.consumer_tag.as_str())
+        };
+        if channel.consumers.contains_key(&tag) {
+            return Err(AmqpError::new(
+                reply::NOT_ALLOWED,
+                format!("attempt to reuse consumer tag '{tag}'"),
+            ));
+        }
+        let credit = Credit::new(channel.consumer_prefetch);
+        let consumer = Consumer {
+            tag: tag.clone(),
+            connection_id,
+            channel_id,
+            no_ack: consume.no_ack,
+            exclusive: consume.exclusive,
+            credit: credit.clone(),
+            channel_credit: channel.credit.clone(),
+            sender,
+        };
+        channel.consumers.insert(
+            tag.clone(),
+            ChannelConsumer {
+                queue: queue.clone(),
+                no_ack: consume.no_ack,
+                credit,
+            },
+        );
+        channel
+            .info
+            .consumers
+            .store(channel.consumers.len() as u32, Ordering::Relaxed);
+        // consume-ok goes out before any delivery: deliveries pass through
+        // the mailbox, which is read only after this frame is handled.
+        if !consume.nowait {
+            self.send_method(
+                channel_id,
+                AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(basic::ConsumeOk {
+                    consumer_tag: tag.as_ref().into(),
+                })),
+            );
+        }
+        let mut dead = Vec::new();
+        let added = queue.add_consumer(consumer, Instant::now(), &mut dead);
+        self.broker.dead_letter(dead);
+        if let Err(err) = added {
+            if let Some(channel) = self.channels.get_mut(&channel_id) {
+                channel.consumers.remove(&tag);
+            }
+            return Err(err);
+        }
+        Ok(())
+    }
+
+    fn get(&mut self, channel_id: u16, get: basic::Get) -> Result<(), AmqpError> {
+        let queue_name = get.queue.as_str();
+        self.check(Access::Read, "queue", queue_name)?;
+        let queue = self.lookup_queue(queue_name)?;
+        let mut dead = Vec::new();
+        let got = queue.get(get.no_ack, Instant::now(), &mut dead);
+        self.broker.dead_letter(dead);
+        let Some((entry, remaining)) = got else {
+            self.send_method(
+                channel_id,
+                AMQPClass::Basic(basic::AMQPMethod::GetEmpty(basic::GetEmpty {})),
+            );
+            return Ok(());
+        };
+        let frame_max = self.frame_max;
+        let channel = self.channel_mut(channel_id)?;
+        let message = entry.message.clone();
+        let redelivered = entry.redelivered;
+        let tag = if get.no_ack {
+            channel.delivery_tag += 1;
+            channel.delivery_tag
+        } else {
+            channel.track(queue, entry, None)
+        };
+        self.send_method(
+            channel_id,
+            AMQPClass::Basic(basic::AMQPMethod::GetOk(basic::GetOk {
+                delivery_tag: tag,
+                redelivered,
+                exchange: message.exchange.as_str().into(),
+                routing_key: message.routing_key.as_str().into(),
+                message_count: remaining,
+            })),
+        );
+        self.encoder.content(
+            &mut self.write_buf,
+            channel_id,
+            &message.properties_raw,
+            &message.body,
+            frame_max,
+        );
+        Ok(())
+    }
+
+    fn exchange_method(
+        &mut self,
+        channel_id: u16,
+        method: exchange::AMQPMethod,
+    ) -> Result<(), AmqpError> {
+        match method {
+            exchange::AMQPMethod::Declare(declare) => {
+                let name = declare.exchange.as_str();
+                if declare.passive {
+                    if self.broker.exchange(&self.vhost, name).is_none() {
+                        return Err(AmqpError::new(
+                            reply::NOT_FOUND,
+                            format!("no exchange '{name}' in vhost '{}'", self.vhost),
+                        ));
+                    }
+                } else {
+                    let Some(kind) = ExchangeKind::parse(declare.kind.as_str()) else {
+                        return Err(AmqpError::new(
+                            reply::COMMAND_INVALID,
+                            format!("unknown exchange type '{}'", declare.kind.as_str()),
+                        ));
+                    };
+                    if name.is_empty() || name.starts_with("amq.") {
+                        return Err(AmqpError::new(
+                            reply::ACCESS_REFUSED,
+                            format!("exchange name '{name}' contains reserved prefix 'amq.*'"),
+                        ));
+                    }
+                    self.check(Access::Configure, "exchange", name)?;
+                    self.broker
+                        .execute(Command::DeclareExchange {
+                            vhost: self.vhost.clone(),
+                            exchange: ExchangeDef {
+                                name: name.to_string(),
+                                kind,
+                                durable: declare.durable,
+                                auto_delete: declare.auto_delete,
+                                internal: declare.internal,
+                                arguments: declare.arguments,
+                            },
+                        })
+                        .map_err(meta_error)?;
+                }
+                if !declare.nowait {
+                    self.send_method(
+                        channel_id,
+                        AMQPClass::Exchange(exchange::AMQPMethod::DeclareOk(
+                            exchange::DeclareOk {},
+                        )),
+                    );
+                }
+                Ok(())
+            }
+            exchange::AMQPMethod::Delete(delete) => {
+                let name = delete.exchange.as_str();
+                if name.is_empty() || name.starts_with("amq.") {
+                    return Err(AmqpError::new(
+                        reply::ACCESS_REFUSED,
+                        format!("operation not permitted on exchange '{name}'"),
+                    ));
+                }
+                self.check(Access::Configure, "exchange", name)?;
+                match self.broker.execute(Command::DeleteExchange {
+                    vhost: self.vhost.clone(),
+                    name: name.to_string(),
+                    if_unused: delete.if_unused,
+                }) {
+                    // Deleting a missing exchange succeeds, as in RabbitMQ.
+                    Ok(_) | Err(MetaError::NotFound(_)) => {}
+                    Err(err) => return Err(meta_error(err)),
+                }
+                if !delete.nowait {
+                    self.send_method(
+                        channel_id,
+                        AMQPClass::Exchange(exchange::AMQPMethod::DeleteOk(exchange::DeleteOk {})),
+                    );
+                }
+                Ok(())
+            }
+            exchange::AMQPMethod::Bind(bind) => {
+                self.bind_exchange(
+                    &bind.source,
+                    &bind.destination,
+                    &bind.routing_key,
+                    bind.arguments,
+                    true,
+                )?;
+                if !bind.nowait {
+                    self.send_method(
+                        channel_id,
+                        AMQPClass::Exchange(exchange::AMQPMethod::BindOk(exchange::BindOk {})),
+                    );
+                }
+                Ok(())
+            }
+            exchange::AMQPMethod::Unbind(unbind) => {
+                self.bind_exchange(
+                    &unbind.source,
+                    &unbind.destination,
+                    &unbind.routing_key,
+                    unbind.arguments,
+                    false,
+                )?;
+                if !unbind.nowait {
+                    self.send_method(
+                        channel_id,
+                        AMQPClass::Exchange(exchange::AMQPMethod::UnbindOk(exchange::UnbindOk {})),
+                    );
+                }
+                Ok(())
+            }
+            _ => Err(AmqpError::new(
+                reply::COMMAND_INVALID,
+                "unexpected exchange method",
+            )),
+        }
+    }
+
+    fn bind_exchange(
+        &mut self,
+        source: &amq_protocol::types::ShortString,
+        destination: &amq_protocol::types::ShortString,
+        routing_key: &amq_protocol::types::ShortString,
+        arguments: FieldTable,
+        bind: bool,
+    ) -> Result<(), AmqpError> {
+        self.check(Access::Write, "exchange", destination.as_str())?;
+        self.check(Access::Read, "exchange", source.as_str())?;
+        let binding = Binding {
+            destination: Destination::Exchange(destination.as_str().to_string()),
+            routing_key: routing_key.as_str().to_string(),
+            arguments,
+        };
+        let vhost = self.vhost.clone();
+        let source = source.as_str().to_string();
+        let command = if bind {
+            Command::Bind {
+                vhost,
+                source,
+                binding,
+            }
+        } else {
+            Command::Unbind {
+                vhost,
+                source,
+                binding,
+            }
+        };
+        self.broker.execute(command).map_err(meta_error)?;
+        Ok(())
+    }
+
+    fn queue_method(
+        &mut self,
+        channel_id: u16,
+        method: amqp_queue::AMQPMethod,
+    ) -> Result<(), AmqpError> {
+        match method {
+            amqp_queue::AMQPMethod::Declare(declare) => self.declare_queue(channel_id, declare),
+            amqp_queue::AMQPMethod::Bind(bind) => {
+                let queue = bind.queue.as_str();
+                self.check(Access::Write, "queue", queue)?;
+                self.check(Access::Read, "exchange", bind.exchange.as_str())?;
+                self.lookup_queue(queue)?;
+                self.broker
+                    .execute(Command::Bind {
+                        vhost: self.vhost.clone(),
+                        source: bind.exchange.as_str().to_string(),
+                        binding: Binding {
+                            destination: Destination::Queue(queue.to_string()),
+                            routing_key: bind.routing_key.as_str().to_string(),
+                            arguments: bind.arguments,
+                        },
+                    })
+                    .map_err(meta_error)?;
+                if !bind.nowait {
+                    self.send_method(
+                        channel_id,
+                        AMQPClass::Queue(amqp_queue::AMQPMethod::BindOk(amqp_queue::BindOk {})),
+                    );
+                }
+                Ok(())
+            }
+            amqp_queue::AMQPMethod::Unbind(unbind) => {
+                let queue = unbind.queue.as_str();
+                self.check(Access::Write, "queue", queue)?;
+                self.check(Access::Read, "exchange", unbind.exchange.as_str())?;
+                self.lookup_queue(queue)?;
+                self.broker
+                    .execute(Command::Unbind {
+                        vhost: self.vhost.clone(),
+                        source: unbind.exchange.as_str().to_string(),
+                        binding: Binding {
+                            destination: Destination::Queue(queue.to_string()),
+                            routing_key: unbind.routing_key.as_str().to_string(),
+                            arguments: unbind.arguments,
+                        },
+                    })
+                    .map_err(meta_error)?;
+                self.send_method(
+                    channel_id,
+                    AMQPClass::Queue(amqp_queue::AMQPMethod::UnbindOk(amqp_queue::UnbindOk {})),
+                );
+                Ok(())
+            }
+            amqp_queue::AMQPMethod::Purge(purge) => {
+                let name = purge.queue.as_str();
+                self.check(Access::Read, "queue", name)?;
+                let queue = self.lookup_queue(name)?;
+                let n = queue.purge();
+                if !purge.nowait {
+                    self.send_method(
+                        channel_id,
+                        AMQPClass::Queue(amqp_queue::AMQPMethod::PurgeOk(amqp_queue::PurgeOk {
+                            message_count: n as u32,
+                        })),
+                    );
+                }
+                Ok(())
+            }
+            amqp_queue::AMQPMethod::Delete(delete) => {
+                let name = delete.queue.as_str();
+                self.check(Access::Configure, "queue", name)?;
+                let mut n = 0;
+                // Deleting a missing queue succeeds, as in RabbitMQ.
+                if let Some(queue) = self.broker.queue(&self.vhost, name) {
+                    self.check_exclusive(&queue)?;
+                    let counts = queue.counts();
+                    if delete.if_unused && counts.consumers > 0 {
+                        return Err(AmqpError::new(
+                            reply::PRECONDITION_FAILED,
+                            format!("queue '{name}' in vhost '{}' in use", self.vhost),
+                        ));
+                    }
+                    if delete.if_empty && counts.ready > 0 {
+                        return Err(AmqpError::new(
+                            reply::PRECONDITION_FAILED,
+                            format!("queue '{name}' in vhost '{}' is not empty", self.vhost),
+                        ));
+                    }
+                    n = counts.ready;
+                    match self.broker.execute(Command::DeleteQueue {
+                        vhost: self.vhost.clone(),
+                        name: name.to_string(),
+                    }) {
+                        Ok(_) | Err(MetaError::NotFound(_)) => {}
+                        Err(err) => return Err(meta_error(err)),
+                    }
+                    self.exclusive_queues.retain(|q| q != name);
+                }
+                if !delete.nowait {
+                    self.send_method(
+                        channel_id,
+                        AMQPClass::Queue(amqp_queue::AMQPMethod::DeleteOk(amqp_queue::DeleteOk {
+                            message_count: n as u32,
+                        })),
+                    );
+                }
+                Ok(())
+            }
+            _ => Err(AmqpError::new(
+                reply::COMMAND_INVALID,
+                "unexpected queue method",
+            )),
+        }
+    }
+
+    fn declare_queue(
+        &mut self,
+        channel_id: u16,
+        declare: amqp_queue::Declare,
+    ) -> Result<(), AmqpError> {
+        let mut name = declare.queue.as_str().to_string();
+        if declare.passive {
+            let queue = self.lookup_queue(&name)?;
+            queue.touch(Instant::now());
+            let counts = queue.counts();
+            self.send_declare_ok(channel_id, &declare, &name, counts.ready, counts.consumers);
+            return Ok(());
+        }
+        if name.is_empty() {
+            name = Broker::generate_name("amq.gen-");
+        } else if name.starts_with("amq.") {
+            return Err(AmqpError::new(
+                reply::ACCESS_REFUSED,
+                format!("queue name '{name}' contains reserved prefix 'amq.*'"),
+            ));
+        }
+        self.check(Access::Configure, "queue", &name)?;
+        if let Some(existing) = self.broker.queue(&self.vhost, &name) {
+            self.check_exclusive(&existing)?;
+        }
+        let outcome = self
+            .broker
+            .execute(Command::DeclareQueue {
+                vhost: self.vhost.clone(),
+                queue: QueueDef {
+                    name: name.clone(),
+                    durable: declare.durable,
+                    exclusive_owner: declare.exclusive.then(|| self.name.clone()),
+                    auto_delete: declare.auto_delete,
+                    arguments: declare.arguments.clone(),
+                    home_node: self.broker.settings.node_name.clone(),
+                },
+            })
+            .map_err(meta_error)?;
+        if outcome.created && declare.exclusive {
+            self.exclusive_queues.push(name.clone());
+        }
+        let queue = self.lookup_queue(&name)?;
+        queue.touch(Instant::now());
+        let counts = queue.counts();
+        self.send_declare_ok(channel_id, &declare, &name, counts.ready, counts.consumers);
+        Ok(())
+    }
+
+    fn send_declare_ok(
+        &mut self,
+        channel_id: u16,
+        declare: &amqp_queue::Declare,
+        name: &str,
+        ready: u64,
+        consumers: u64,
+    ) {
+        if declare.nowait {
+            return;
+        }
+        self.send_method(
+            channel_id,
+            AMQPClass::Queue(amqp_queue::AMQPMethod::DeclareOk(amqp_queue::DeclareOk {
+                queue: name.into(),
+                message_count: ready as u32,
+                consumer_count: consumers as u32,
+            })),
+        );
+    }
+}
+
+fn meta_error(err: MetaError) -> AmqpError {
+    AmqpError::new(err.reply_code(), err)
+}
+
+fn group_by_queue(unacked: Vec<Unacked>) -> Vec<(Arc<Queue>, Vec<Unacked>)> {
+    let mut groups: Vec<(Arc<Queue>, Vec<Unacked>)> = Vec::new();
+    for u in unacked {
+        match groups.iter_mut().find(|(q, _)| Arc::ptr_eq(q, &u.queue)) {
+            Some((_, list)) => list.push(u),
+            None => groups.push((u.queue.clone(), vec![u])),
+        }
+    }
+    groups
+}
+
+/// Truncates a reply text to a short string's 255 bytes.
+fn short(text: &str) -> &str {
+    if text.len() <= 255 {
+        return text;
+    }
+    let mut end = 255;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+/// `connection.start` server properties, announcing only what is implemented.
+fn server_properties(node_name: &str) -> FieldTable {
+    let mut capabilities = FieldTable::default();
+    for capability in [
+        "publisher_confirms",
+        "exchange_exchange_bindings",
+        "basic.nack",
+        "consumer_cancel_notify",
+        "connection.blocked",
+        "authentication_failure_close",
+        "per_consumer_qos",
+    ] {
+        capabilities.insert(capability.into(), AMQPValue::Boolean(true));
+    }
+    let mut properties = FieldTable::default();
+    properties.insert("capabilities".into(), AMQPValue::FieldTable(capabilities));
+    let text = |s: &str| AMQPValue::LongString(LongString::from(s));
+    properties.insert("product".into(), text("Synod"));
+    properties.insert("version".into(), text(env!("CARGO_PKG_VERSION")));
+    properties.insert("platform".into(), text("Rust"));
+    properties.insert("cluster_name".into(), text(node_name));
+    properties.insert(
+        "information".into(),
+        text("An AMQP 0-9-1 broker whose replicas agree through Paxos"),
+    );
+    properties
+}

@@ -4,10 +4,15 @@
 //! Codemap (see `ARCHITECTURE.md` for the invariants):
 //! - [`config`]: command line / environment / TOML configuration.
 //! - [`limits`]: every `*_max` bound of the broker, in one place.
+//! - [`server`]: listeners, accept loop, housekeeping, graceful shutdown; [`run`].
+//! - [`broker`]: the `Broker` facade: metadata + queues + connection registry.
+//! - [`meta`]: metadata changed only by `Command`s through `Metadata::apply` (pure).
+//! - [`auth`]: RabbitMQ-compatible password hashes, PLAIN / AMQPLAIN.
 //! - [`protocol`]: AMQP 0-9-1 frames, methods and field tables (pure; no tokio).
 //! - [`connection`]: sockets <-> frames, handshake, heartbeats, flow control.
 //! - [`channel`]: per-channel state: consumers, unacked deliveries, confirms, qos.
 //! - [`exchange`]: direct, fanout, topic and headers routing (pure).
+//! - [`message`]: the shared, reference-counted message.
 //! - [`queue`]: messages, consumers, redelivery, TTL, length limits, dead-lettering.
 //! - [`store`]: durable log and metadata; versioned formats; a backend trait.
 //! - [`paxos`]: consensus and reconfiguration (pure; no I/O, no clock, seeded rng).
@@ -16,15 +21,22 @@
 //! - [`metrics`]: the one Prometheus registry.
 #![warn(missing_docs)]
 
+pub mod auth;
+pub mod broker;
 pub mod channel;
 pub mod cluster;
 pub mod config;
 pub mod connection;
 pub mod exchange;
 pub mod limits;
+pub mod message;
+pub mod meta;
 pub mod metrics;
 pub mod mgmt;
 pub mod paxos;
 pub mod protocol;
 pub mod queue;
+pub mod server;
 pub mod store;
+
+pub use server::run;

@@ -15,3 +15,13 @@ pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 pub const MESSAGE_SIZE_MAX: u64 = 128 * 1024 * 1024;
 /// Largest HTTP request body on the management API, in bytes.
 pub const HTTP_BODY_SIZE_MAX: usize = 16 * 1024 * 1024;
+/// Time to wait for `close-ok` after sending `connection.close`, in milliseconds.
+pub const CLOSE_OK_WAIT_MS: u64 = 1_000;
+/// Outbound events (deliveries) written per socket flush.
+pub const OUTBOUND_BATCH_MAX: usize = 256;
+/// Open AMQP connections per node; beyond this, accepts wait.
+pub const CONNECTIONS_MAX: usize = 10_000;
+/// Ready-message bytes above which publishing connections are blocked.
+pub const MEMORY_HIGH_WATERMARK_BYTES: u64 = 1024 * 1024 * 1024;
+/// Period of the broker's housekeeping (message TTL, `x-expires`, memory alarm), in milliseconds.
+pub const HOUSEKEEPING_INTERVAL_MS: u64 = 25;

@@ -1,0 +1,625 @@
+//! The broker facade: one [`Broker`] per node holds the metadata (changed
+//! only through `meta::Command`s), the runtime queues, the registry of open
+//! connections, and the operations the AMQP connections and the management
+//! API share (publish, dead-lettering, listing, closing connections).
+//!
+//! Must not: touch sockets (that is `connection`), or hold the metadata
+//! lock while calling into a queue that may call back.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Instant, SystemTime};
+
+use amq_protocol::types::FieldTable;
+use tokio::sync::{mpsc, watch};
+
+use crate::auth;
+use crate::connection::Outbound;
+use crate::exchange::Binding;
+use crate::message::Message;
+use crate::meta::{
+    Command, ExchangeDef, MetaError, Metadata, Outcome, Permissions, QueueDef, User,
+};
+use crate::metrics::Metrics;
+use crate::protocol::{AmqpError, reply};
+use crate::queue::{DeadLetter, Enqueued, Queue, QueueArgs, QueueCounts};
+
+/// Node-level settings the broker runs with.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// This node's name (queues' home node).
+    pub node_name: String,
+    /// Users that may only connect from loopback addresses.
+    pub loopback_users: Vec<String>,
+    /// Ready-message bytes above which publishers are blocked.
+    pub memory_high_watermark_bytes: u64,
+}
+
+impl Settings {
+    /// Defaults for a node called `node_name`.
+    pub fn new(node_name: &str) -> Settings {
+        Settings {
+            node_name: node_name.to_string(),
+            loopback_users: vec!["guest".to_string()],
+            memory_high_watermark_bytes: crate::limits::MEMORY_HIGH_WATERMARK_BYTES,
+        }
+    }
+}
+
+/// Compiled permissions of a user in a vhost.
+#[derive(Debug)]
+pub struct CompiledPermissions {
+    configure: regex::Regex,
+    write: regex::Regex,
+    read: regex::Regex,
+}
+
+/// Which permission an operation needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Declare / delete.
+    Configure,
+    /// Publish / bind to.
+    Write,
+    /// Consume / get / purge / bind from.
+    Read,
+}
+
+impl CompiledPermissions {
+    fn compile(p: &Permissions) -> Option<CompiledPermissions> {
+        // RabbitMQ anchors the regex at both ends implicitly ("^...$").
+        let anchored = |r: &str| regex::Regex::new(&format!("^(?:{r})$")).ok();
+        Some(CompiledPermissions {
+            configure: anchored(&p.configure)?,
+            write: anchored(&p.write)?,
+            read: anchored(&p.read)?,
+        })
+    }
+
+    /// Whether the user may do `access` on `resource`. An empty regex
+    /// allows nothing, as in RabbitMQ.
+    pub fn allows(&self, access: Access, resource: &str) -> bool {
+        let regex = match access {
+            Access::Configure => &self.configure,
+            Access::Write => &self.write,
+            Access::Read => &self.read,
+        };
+        regex.as_str() != "^(?:)$" && regex.is_match(resource)
+    }
+}
+
+/// A connection as the registry and the management API see it.
+#[derive(Debug)]
+pub struct ConnectionHandle {
+    /// Broker-unique id.
+    pub id: u64,
+    /// `client_ip:port -> server_ip:port`, as RabbitMQ names connections.
+    pub name: String,
+    /// Client address.
+    pub peer: SocketAddr,
+    /// Authenticated user.
+    pub user: String,
+    /// Vhost.
+    pub vhost: String,
+    /// When it opened (seconds since the epoch).
+    pub connected_at_s: u64,
+    /// Open channels by number.
+    pub channels: Mutex<BTreeMap<u16, Arc<ChannelInfo>>>,
+    /// Mailbox of the connection task.
+    pub sender: mpsc::UnboundedSender<Outbound>,
+}
+
+/// A channel's counters for listing.
+#[derive(Debug, Default)]
+pub struct ChannelInfo {
+    /// Channel number.
+    pub number: u16,
+    /// Consumers on the channel.
+    pub consumers: AtomicU32,
+    /// Unacknowledged deliveries.
+    pub unacked: AtomicU32,
+    /// Per-consumer prefetch for new consumers.
+    pub prefetch: AtomicU32,
+    /// Global prefetch.
+    pub global_prefetch: AtomicU32,
+    /// 1 in confirm mode.
+    pub confirm: AtomicU32,
+    /// 1 in tx mode.
+    pub transactional: AtomicU32,
+}
+
+/// A snapshot of one queue for listing.
+#[derive(Debug, Clone)]
+pub struct QueueSummary {
+    /// Vhost.
+    pub vhost: String,
+    /// Definition.
+    pub def: QueueDef,
+    /// Counts.
+    pub counts: QueueCounts,
+}
+
+/// A snapshot of one channel for listing.
+#[derive(Debug, Clone)]
+pub struct ChannelSummary {
+    /// `connection name (number)`, as RabbitMQ names channels.
+    pub name: String,
+    /// Connection name.
+    pub connection: String,
+    /// Channel number.
+    pub number: u16,
+    /// User.
+    pub user: String,
+    /// Vhost.
+    pub vhost: String,
+    /// Consumers.
+    pub consumers: u32,
+    /// Unacked deliveries.
+    pub unacked: u32,
+    /// Per-consumer prefetch.
+    pub prefetch: u32,
+    /// Confirm mode.
+    pub confirm: bool,
+    /// Tx mode.
+    pub transactional: bool,
+}
+
+/// Result of publishing one message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Published {
+    /// Queues that accepted it.
+    pub n_queues: usize,
+    /// Some queue refused it (overflow `reject-publish`).
+    pub rejected: bool,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    meta: Metadata,
+    queues: HashMap<String, HashMap<String, Arc<Queue>>>,
+}
+
+/// The node's broker.
+#[derive(Debug)]
+pub struct Broker {
+    /// Settings.
+    pub settings: Settings,
+    /// The metrics registry.
+    pub metrics: Metrics,
+    state: RwLock<State>,
+    connections: Mutex<BTreeMap<u64, Arc<ConnectionHandle>>>,
+    next_connection_id: AtomicU64,
+    memory_bytes: Arc<AtomicI64>,
+    alarm: watch::Sender<bool>,
+}
+
+/// Bound on dead-letter hops processed for one operation.
+const DEAD_LETTER_HOPS_MAX: usize = 10_000;
+
+impl Broker {
+    /// A broker with vhost `/` and user `guest`/`guest` (administrator,
+    /// full permissions on `/`), as a fresh RabbitMQ has.
+    pub fn new(settings: Settings, metrics: Metrics) -> Arc<Broker> {
+        let (alarm, _) = watch::channel(false);
+        let broker = Broker {
+            settings,
+            metrics,
+            state: RwLock::new(State::default()),
+            connections: Mutex::new(BTreeMap::new()),
+            next_connection_id: AtomicU64::new(1),
+            memory_bytes: Arc::new(AtomicI64::new(0)),
+            alarm,
+        };
+        let bootstrap = [
+            Command::AddVhost { name: "/".into() },
+            Command::PutUser {
+                name: "guest".into(),
+                password_hash: auth::hash_password("guest"),
+                tags: vec!["administrator".into()],
+            },
+            Command::SetPermissions {
+                vhost: "/".into(),
+                user: "guest".into(),
+                configure: ".*".into(),
+                write: ".*".into(),
+                read: ".*".into(),
+            },
+        ];
+        for command in bootstrap {
+            broker
+                .execute(command)
+                .expect("bootstrap commands are valid on empty metadata");
+        }
+        Arc::new(broker)
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Applies a metadata command and brings the runtime queues in line.
+    /// The single entry point for every topology change.
+    pub fn execute(&self, command: Command) -> Result<Outcome, MetaError> {
+        let mut new_queue = None;
+        if let Command::DeclareQueue { queue, .. } = &command {
+            let args = QueueArgs::parse(&queue.arguments).map_err(MetaError::PreconditionFailed)?;
+            new_queue = Some(args);
+        }
+        let vhost_of_declare = match &command {
+            Command::DeclareQueue { vhost, queue } => Some((vhost.clone(), queue.clone())),
+            _ => None,
+        };
+        let mut state = self.write();
+        let outcome = state.meta.apply(command)?;
+        if let (Some(args), Some((vhost, def))) = (new_queue, vhost_of_declare)
+            && outcome.created
+        {
+            let queue = Queue::new(
+                &vhost,
+                def,
+                args,
+                self.metrics.clone(),
+                self.memory_bytes.clone(),
+            );
+            state
+                .queues
+                .entry(vhost)
+                .or_default()
+                .insert(queue.name().to_string(), queue);
+        }
+        let mut removed = Vec::new();
+        for (vhost, name) in &outcome.deleted_queues {
+            if let Some(queue) = state.queues.get_mut(vhost).and_then(|qs| qs.remove(name)) {
+                removed.push(queue);
+            }
+        }
+        drop(state);
+        for queue in removed {
+            let (consumers, _) = queue.mark_deleted();
+            for consumer in consumers {
+                let _ = consumer.sender.send(Outbound::ConsumerCancelled {
+                    channel_id: consumer.channel_id,
+                    consumer_tag: consumer.tag.clone(),
+                });
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// The runtime queue `vhost`/`name`.
+    pub fn queue(&self, vhost: &str, name: &str) -> Option<Arc<Queue>> {
+        self.read().queues.get(vhost)?.get(name).cloned()
+    }
+
+    /// An exchange's definition.
+    pub fn exchange(&self, vhost: &str, name: &str) -> Option<ExchangeDef> {
+        Some(
+            self.read()
+                .meta
+                .vhosts
+                .get(vhost)?
+                .exchanges
+                .get(name)?
+                .def
+                .clone(),
+        )
+    }
+
+    /// Whether a vhost exists.
+    pub fn has_vhost(&self, vhost: &str) -> bool {
+        self.read().meta.vhosts.contains_key(vhost)
+    }
+
+    /// Routes and enqueues a message. Errors are channel-level (404 no
+    /// exchange). `n_queues == 0` means unroutable.
+    pub fn publish(&self, vhost: &str, message: Arc<Message>) -> Result<Published, AmqpError> {
+        let mut targets: Vec<Arc<Queue>> = Vec::new();
+        {
+            let state = self.read();
+            let queues = state.queues.get(vhost);
+            let found = state.meta.route(
+                vhost,
+                &message.exchange,
+                &message.routing_key,
+                message.properties.headers().as_ref(),
+                &mut |name| {
+                    if let Some(queue) = queues.and_then(|qs| qs.get(name)) {
+                        targets.push(queue.clone());
+                    }
+                },
+            );
+            if !found {
+                return Err(AmqpError::new(
+                    reply::NOT_FOUND,
+                    format!("no exchange '{}' in vhost '{vhost}'", message.exchange),
+                ));
+            }
+        }
+        let now = Instant::now();
+        let mut dead = Vec::new();
+        let mut published = Published {
+            n_queues: 0,
+            rejected: false,
+        };
+        for queue in &targets {
+            match queue.publish(message.clone(), now, &mut dead) {
+                Enqueued::Accepted => published.n_queues += 1,
+                Enqueued::Rejected => published.rejected = true,
+            }
+        }
+        self.dead_letter(dead);
+        Ok(published)
+    }
+
+    /// Republishes dead letters to their exchanges (and any dead letters
+    /// that causes, up to a bound).
+    pub fn dead_letter(&self, mut dead: Vec<DeadLetter>) {
+        let mut hops = 0;
+        let time_s = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        while let Some(letter) = dead.pop() {
+            hops += 1;
+            if hops > DEAD_LETTER_HOPS_MAX {
+                tracing::warn!(
+                    "dead-letter chain exceeded {DEAD_LETTER_HOPS_MAX} hops; dropping the rest"
+                );
+                return;
+            }
+            let message = Arc::new(letter.rewrite(time_s));
+            let mut targets = Vec::new();
+            {
+                let state = self.read();
+                let queues = state.queues.get(&letter.vhost);
+                state.meta.route(
+                    &letter.vhost,
+                    &message.exchange,
+                    &message.routing_key,
+                    message.properties.headers().as_ref(),
+                    &mut |name| {
+                        if !letter.is_cycle_to(name)
+                            && let Some(queue) = queues.and_then(|qs| qs.get(name))
+                        {
+                            targets.push(queue.clone());
+                        }
+                    },
+                );
+            }
+            let now = Instant::now();
+            for queue in targets {
+                queue.publish(message.clone(), now, &mut dead);
+            }
+        }
+    }
+
+    /// Periodic work: message TTL, `x-expires`, the memory alarm.
+    pub fn tick(&self) {
+        let now = Instant::now();
+        let queues: Vec<Arc<Queue>> = self
+            .read()
+            .queues
+            .values()
+            .flat_map(|qs| qs.values().cloned())
+            .collect();
+        let mut dead = Vec::new();
+        let mut expired = Vec::new();
+        for queue in queues {
+            if queue.tick(now, &mut dead) {
+                expired.push(queue);
+            }
+        }
+        self.dead_letter(dead);
+        for queue in expired {
+            let _ = self.execute(Command::DeleteQueue {
+                vhost: queue.vhost.clone(),
+                name: queue.name().to_string(),
+            });
+        }
+        let used = self.memory_bytes.load(Ordering::Relaxed).max(0) as u64;
+        let alarm = used > self.settings.memory_high_watermark_bytes;
+        self.alarm.send_if_modified(|current| {
+            let changed = *current != alarm;
+            *current = alarm;
+            changed
+        });
+    }
+
+    /// Watches the memory alarm (true = publishers must block).
+    pub fn memory_alarm(&self) -> watch::Receiver<bool> {
+        self.alarm.subscribe()
+    }
+
+    /// Ready-message bytes held by all queues.
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory_bytes.load(Ordering::Relaxed).max(0) as u64
+    }
+
+    /// Checks credentials; counts failures in `auth_failures_total`.
+    pub fn authenticate(
+        &self,
+        username: &str,
+        password: &str,
+        from_loopback: bool,
+    ) -> Result<User, String> {
+        let user = self.read().meta.users.get(username).cloned();
+        let result = match user {
+            Some(user) if auth::verify_password(&user.password_hash, password) => {
+                if !from_loopback && self.settings.loopback_users.iter().any(|u| u == username) {
+                    Err(format!("user '{username}' can only connect via localhost"))
+                } else {
+                    Ok(user)
+                }
+            }
+            Some(_) => Err(format!("invalid credentials for user '{username}'")),
+            None => Err(format!("user '{username}' does not exist")),
+        };
+        if result.is_err() {
+            self.metrics.auth_failures_total.inc();
+        }
+        result
+    }
+
+    /// The compiled permissions of `user` in `vhost`, if any.
+    pub fn permissions(&self, vhost: &str, user: &str) -> Option<Arc<CompiledPermissions>> {
+        let state = self.read();
+        let p = state
+            .meta
+            .permissions
+            .get(&(vhost.to_string(), user.to_string()))?;
+        CompiledPermissions::compile(p).map(Arc::new)
+    }
+
+    /// Allocates a connection id.
+    pub fn next_connection_id(&self) -> u64 {
+        self.next_connection_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Adds an open connection to the registry.
+    pub fn register_connection(&self, handle: Arc<ConnectionHandle>) {
+        self.connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(handle.id, handle);
+    }
+
+    /// Removes a connection from the registry.
+    pub fn unregister_connection(&self, id: u64) {
+        self.connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+    }
+
+    /// Open connections.
+    pub fn list_connections(&self) -> Vec<Arc<ConnectionHandle>> {
+        self.connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Open channels of every connection.
+    pub fn list_channels(&self) -> Vec<ChannelSummary> {
+        let mut out = Vec::new();
+        for connection in self.list_connections() {
+            let channels = connection
+                .channels
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            for info in channels.values() {
+                out.push(ChannelSummary {
+                    name: format!("{} ({})", connection.name, info.number),
+                    connection: connection.name.clone(),
+                    number: info.number,
+                    user: connection.user.clone(),
+                    vhost: connection.vhost.clone(),
+                    consumers: info.consumers.load(Ordering::Relaxed),
+                    unacked: info.unacked.load(Ordering::Relaxed),
+                    prefetch: info.prefetch.load(Ordering::Relaxed),
+                    confirm: info.confirm.load(Ordering::Relaxed) == 1,
+                    transactional: info.transactional.load(Ordering::Relaxed) == 1,
+                });
+            }
+        }
+        out
+    }
+
+    /// Closes a connection by name with `320 CONNECTION_FORCED`; false when
+    /// no such connection is open.
+    pub fn close_connection(&self, name: &str, reason: &str) -> bool {
+        let Some(handle) = self.list_connections().into_iter().find(|c| c.name == name) else {
+            return false;
+        };
+        handle
+            .sender
+            .send(Outbound::Close {
+                code: reply::CONNECTION_FORCED,
+                text: format!("CONNECTION_FORCED - {reason}"),
+            })
+            .is_ok()
+    }
+
+    /// Vhost names.
+    pub fn list_vhosts(&self) -> Vec<String> {
+        self.read().meta.vhosts.keys().cloned().collect()
+    }
+
+    /// Users.
+    pub fn list_users(&self) -> Vec<User> {
+        self.read().meta.users.values().cloned().collect()
+    }
+
+    /// Permissions as (vhost, user, permissions).
+    pub fn list_permissions(&self) -> Vec<(String, String, Permissions)> {
+        self.read()
+            .meta
+            .permissions
+            .iter()
+            .map(|((v, u), p)| (v.clone(), u.clone(), p.clone()))
+            .collect()
+    }
+
+    /// Exchanges as (vhost, definition).
+    pub fn list_exchanges(&self) -> Vec<(String, ExchangeDef)> {
+        let state = self.read();
+        state
+            .meta
+            .vhosts
+            .iter()
+            .flat_map(|(v, vh)| {
+                vh.exchanges
+                    .values()
+                    .map(move |e| (v.clone(), e.def.clone()))
+            })
+            .collect()
+    }
+
+    /// Queues with their counts.
+    pub fn list_queues(&self) -> Vec<QueueSummary> {
+        let queues: Vec<Arc<Queue>> = self
+            .read()
+            .queues
+            .values()
+            .flat_map(|qs| qs.values().cloned())
+            .collect();
+        let mut out: Vec<QueueSummary> = queues
+            .into_iter()
+            .map(|q| QueueSummary {
+                vhost: q.vhost.clone(),
+                def: q.def.clone(),
+                counts: q.counts(),
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.vhost, &a.def.name).cmp(&(&b.vhost, &b.def.name)));
+        out
+    }
+
+    /// Bindings of a vhost as (source exchange, binding).
+    pub fn list_bindings(&self, vhost: &str) -> Vec<(String, Binding)> {
+        self.read().meta.bindings(vhost)
+    }
+
+    /// A server-generated name with `prefix` (`amq.gen-`, `amq.ctag-`).
+    pub fn generate_name(prefix: &str) -> String {
+        use base64::Engine;
+        let bytes: [u8; 16] = rand::random();
+        format!(
+            "{prefix}{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+        )
+    }
+
+    /// Empty field table helper for callers building definitions.
+    pub fn no_arguments() -> FieldTable {
+        FieldTable::default()
+    }
+}

@@ -1,0 +1,153 @@
+//! Listeners and lifecycle: binds the AMQP socket, accepts connections
+//! (bounded by a semaphore), runs housekeeping, and drains on shutdown.
+//! Shutdown is a future passed in, so tests and `main` control it.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinHandle;
+
+use crate::broker::{Broker, Settings};
+use crate::config::Config;
+use crate::limits;
+use crate::metrics::Metrics;
+
+/// Why the broker could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+/// A broker running in the background.
+#[derive(Debug)]
+pub struct RunningBroker {
+    /// The bound AMQP address (the real port when configured with 0).
+    pub amqp_addr: SocketAddr,
+    /// The broker, for inspection and management calls.
+    pub broker: Arc<Broker>,
+    shutdown: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl RunningBroker {
+    /// Closes every connection (320 CONNECTION_FORCED) and waits for the
+    /// listener and connections to finish.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.task.await;
+    }
+}
+
+/// Starts a broker with default settings for `config`.
+pub async fn start(config: Config) -> Result<RunningBroker, Error> {
+    start_with(config, None).await
+}
+
+/// Starts a broker; `settings` overrides the defaults (tests use this to
+/// lower the memory watermark, for instance).
+pub async fn start_with(
+    config: Config,
+    settings: Option<Settings>,
+) -> Result<RunningBroker, Error> {
+    let settings = settings.unwrap_or_else(|| Settings::new(&config.node_name));
+    let metrics = Metrics::new();
+    metrics
+        .identity_info
+        .with_label_values(&[config.node_name.as_str(), config.node_name.as_str()])
+        .set(1);
+    let broker = Broker::new(settings, metrics);
+    let listener = TcpListener::bind(config.amqp_listen)
+        .await
+        .map_err(|source| Error::Bind {
+            addr: config.amqp_listen,
+            source,
+        })?;
+    let amqp_addr = listener.local_addr().map_err(|source| Error::Bind {
+        addr: config.amqp_listen,
+        source,
+    })?;
+    tracing::info!(
+        "synod-broker listening amqp={amqp_addr} node={}",
+        config.node_name
+    );
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let task = tokio::spawn(accept_loop(broker.clone(), listener, shutdown_rx));
+    Ok(RunningBroker {
+        amqp_addr,
+        broker,
+        shutdown,
+        task,
+    })
+}
+
+/// Runs a broker until `shutdown` completes, then drains connections.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    let running = start(config).await?;
+    shutdown.await;
+    tracing::info!("shutting down: closing connections");
+    running.shutdown().await;
+    Ok(())
+}
+
+async fn accept_loop(
+    broker: Arc<Broker>,
+    listener: TcpListener,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let permits = Arc::new(Semaphore::new(limits::CONNECTIONS_MAX));
+    let mut connections = tokio::task::JoinSet::new();
+    let mut housekeeping =
+        tokio::time::interval(Duration::from_millis(limits::HOUSEKEEPING_INTERVAL_MS));
+    housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => break,
+            _ = housekeeping.tick() => broker.tick(),
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            accepted = listener.accept() => {
+                let (socket, peer) = match accepted {
+                    Ok(pair) => pair,
+                    Err(err) => {
+                        // Out of file descriptors and the like: back off, keep serving.
+                        tracing::warn!(%err, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let Ok(permit) = permits.clone().try_acquire_owned() else {
+                    tracing::warn!(%peer, "connection limit reached; refusing");
+                    continue;
+                };
+                let local = socket.local_addr().unwrap_or(peer);
+                let broker = broker.clone();
+                let shutdown = shutdown.clone();
+                connections.spawn(async move {
+                    if let Err(err) = crate::connection::serve(broker, socket, peer, local, shutdown).await {
+                        tracing::debug!(%peer, %err, "connection ended");
+                    }
+                    drop(permit);
+                });
+            }
+        }
+    }
+    drop(listener);
+    // Connections saw the shutdown signal and are sending close; give them
+    // the close-ok wait plus a margin, then abort the stragglers.
+    let drain = Duration::from_millis(limits::CLOSE_OK_WAIT_MS * 2);
+    let _ = tokio::time::timeout(drain, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    connections.abort_all();
+}
