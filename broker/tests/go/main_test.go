@@ -177,7 +177,9 @@ func uniqueName(t *testing.T, label string) string {
 // queueName returns a unique queue name, deleted when the test ends.
 func queueName(t *testing.T, label string) string {
 	name := uniqueName(t, label)
-	t.Cleanup(func() { cleanup(func(ch *amqp.Channel) error { _, err := ch.QueueDelete(name, false, false, false); return err }) })
+	t.Cleanup(func() {
+		cleanup(func(ch *amqp.Channel) error { _, err := ch.QueueDelete(name, false, false, false); return err })
+	})
 	return name
 }
 
