@@ -69,6 +69,11 @@ CONF
     ;;
 stop)
     "$bin/rabbitmqctl" -n "$RABBITMQ_NODENAME" stop "$RABBITMQ_PID_FILE" || true
+    # Erlang started an epmd daemon for the node; leave none behind unless
+    # another Erlang node still uses it.
+    if command -v epmd > /dev/null && ! epmd -names 2>/dev/null | grep -q '^name '; then
+        epmd -kill > /dev/null 2>&1 || true
+    fi
     ;;
 status)
     "$bin/rabbitmqctl" -n "$RABBITMQ_NODENAME" status

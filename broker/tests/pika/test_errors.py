@@ -2,10 +2,12 @@
 the spec's code and leave the connection usable; login and vhost failures are
 reported as RabbitMQ reports them."""
 
+import socket
+
 import pika
 import pytest
 
-from helpers import get_one
+from helpers import WAIT_TIMEOUT_S, get_one
 
 
 def _closed_with(exc_info, code):
@@ -151,3 +153,51 @@ def test_user_id_mismatch_406(conn, names):
     with pytest.raises(pika.exceptions.ChannelClosedByBroker) as err:
         ch.queue_declare(q, passive=True)
     _closed_with(err, 406)
+
+
+def _raw_socket(amqp_url):
+    params = pika.URLParameters(amqp_url)
+    sock = socket.create_connection((params.host, params.port), timeout=WAIT_TIMEOUT_S)
+    sock.settimeout(WAIT_TIMEOUT_S)
+    return sock
+
+
+def _read_until_closed(sock):
+    """Everything the broker sends until it closes the socket (FIN or RST);
+    a socket still open after WAIT_TIMEOUT_S fails the test."""
+    data = b""
+    while True:
+        try:
+            chunk = sock.recv(4096)
+        except ConnectionResetError:
+            return data
+        except socket.timeout:
+            raise AssertionError(f"broker kept the socket open; got {data!r}")
+        if not chunk:
+            return data
+        data += chunk
+
+
+def test_unknown_protocol_header_gets_amqp_0_9_1_header(amqp_url):
+    # Goal: a client speaking another protocol version gets the AMQP 0-9-1 protocol header back and the socket is closed.
+    for header in (b"AMQP\x00\x01\x00\x00", b"GET / HTTP/1.1\r\n\r\n"):
+        with _raw_socket(amqp_url) as sock:
+            sock.sendall(header)
+            assert _read_until_closed(sock) == b"AMQP\x00\x00\x09\x01"
+
+
+def test_garbage_frame_closes_only_that_connection(amqp_url, conn, names):
+    # Goal: a malformed frame during the handshake makes the broker drop that socket, while other connections keep working.
+    q = names.queue()
+    ch = conn.channel()
+    ch.queue_declare(q)
+    with _raw_socket(amqp_url) as sock:
+        sock.sendall(b"AMQP\x00\x00\x09\x01")
+        # connection.start arrives first: a method frame (type 1) on channel 0.
+        start = sock.recv(7)
+        assert start[:3] == b"\x01\x00\x00"
+        # A frame of unknown type 9 with a bad end marker.
+        sock.sendall(b"\x09\x00\x00\x00\x00\x00\x04junk\x00")
+        _read_until_closed(sock)
+    ch.basic_publish(exchange="", routing_key=q, body=b"unaffected")
+    assert get_one(ch, q)[2] == b"unaffected"
