@@ -89,7 +89,9 @@ pub async fn serve(
         read_buf: BytesMut::with_capacity(64 * 1024),
         write_buf: BytesMut::with_capacity(64 * 1024),
         encoder: Encoder::default(),
-        frame_max: limits::FRAME_SIZE_MIN,
+        // Until tune-ok, accept up to our maximum: some clients send large
+        // client properties in start-ok.
+        frame_max: limits::FRAME_SIZE_MAX,
         channel_max: limits::CHANNELS_PER_CONNECTION_MAX,
         heartbeat_s: 0,
         vhost: String::new(),
@@ -462,6 +464,11 @@ impl Connection {
                     if changed.is_ok() {
                         let on = *alarm.borrow_and_update();
                         self.set_blocked(on);
+                        // Frames read before the block are still buffered.
+                        if !on && let Flow::Stop = self.process_input() {
+                            self.flush().await?;
+                            return Ok(());
+                        }
                     }
                 }
                 changed = shutdown.changed(), if !self.closing => {
@@ -1509,12 +1516,20 @@ impl Connection {
                 credit,
             },
         );
+        // Deliveries the queue makes now pass through the mailbox, which is
+        // read only after this frame is handled: consume-ok goes out first.
+        let mut dead = Vec::new();
+        let added = queue.add_consumer(consumer, Instant::now(), &mut dead);
+        self.broker.dead_letter(dead);
+        let channel = self.channel_mut(channel_id)?;
+        if let Err(err) = added {
+            channel.consumers.remove(&tag);
+            return Err(err);
+        }
         channel
             .info
             .consumers
             .store(channel.consumers.len() as u32, Ordering::Relaxed);
-        // consume-ok goes out before any delivery: deliveries pass through
-        // the mailbox, which is read only after this frame is handled.
         if !consume.nowait {
             self.send_method(
                 channel_id,
@@ -1522,15 +1537,6 @@ impl Connection {
                     consumer_tag: tag.as_ref().into(),
                 })),
             );
-        }
-        let mut dead = Vec::new();
-        let added = queue.add_consumer(consumer, Instant::now(), &mut dead);
-        self.broker.dead_letter(dead);
-        if let Err(err) = added {
-            if let Some(channel) = self.channels.get_mut(&channel_id) {
-                channel.consumers.remove(&tag);
-            }
-            return Err(err);
         }
         Ok(())
     }

@@ -1190,3 +1190,102 @@ async fn silent_peers_are_closed_after_two_missed_heartbeats() {
     );
     broker.shutdown().await;
 }
+
+#[tokio::test]
+async fn crossing_the_memory_watermark_blocks_publishers_until_it_clears() {
+    // Goal: connection.blocked is sent when ready bytes exceed the watermark, unblocked after.
+    let config = Config::from_args(
+        Args::try_parse_from(["synod-broker", "--amqp-listen", "127.0.0.1:0"]).expect("flags"),
+    )
+    .expect("config");
+    let mut settings = synod_broker::broker::Settings::new(&config.node_name);
+    settings.memory_high_watermark_bytes = 1_000;
+    let broker = server::start_with(config, Some(settings))
+        .await
+        .expect("broker starts");
+    let publisher = connect(&broker).await;
+    let ch = within(publisher.create_channel()).await.expect("channel");
+    declare(&ch, "big", FieldTable::default()).await;
+    publish(&ch, "", "big", &[0u8; 2_000], BasicProperties::default()).await;
+    within(async {
+        while !publisher.status().blocked() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    // A connection that has not published keeps working and can drain.
+    let other = connect(&broker).await;
+    let other_ch = within(other.create_channel()).await.expect("channel");
+    within(other_ch.queue_purge("big".into(), QueuePurgeOptions::default()))
+        .await
+        .expect("purge");
+    within(async {
+        while publisher.status().blocked() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    publish(&ch, "", "big", b"small", BasicProperties::default()).await;
+    assert_eq!(
+        get(&ch, "big").await.expect("message").delivery.data,
+        b"small"
+    );
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn exclusive_consumers_and_tag_reuse_are_refused() {
+    // Goal: a second consumer on an exclusively consumed queue gets 403; consume-ok never precedes it.
+    let broker = start().await;
+    let connection = connect(&broker).await;
+    let ch = within(connection.create_channel()).await.expect("channel");
+    declare(&ch, "solo", FieldTable::default()).await;
+    // Keep the consumer alive: lapin cancels consumers when they are dropped.
+    let _exclusive = within(ch.basic_consume(
+        "solo".into(),
+        "only".into(),
+        BasicConsumeOptions {
+            exclusive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    ))
+    .await
+    .expect("exclusive consume");
+    let other = within(connection.create_channel()).await.expect("channel");
+    let err = within(other.basic_consume(
+        "solo".into(),
+        "".into(),
+        BasicConsumeOptions::default(),
+        FieldTable::default(),
+    ))
+    .await
+    .expect_err("in exclusive use");
+    assert_eq!(reply_code(&err), Some(403), "{err}");
+    assert_eq!(
+        broker
+            .broker
+            .queue("/", "solo")
+            .expect("queue")
+            .counts()
+            .consumers,
+        1
+    );
+    // Reusing a live consumer tag on its channel is a connection error (530).
+    let err = within(ch.basic_consume(
+        "solo".into(),
+        "only".into(),
+        BasicConsumeOptions::default(),
+        FieldTable::default(),
+    ))
+    .await
+    .expect_err("tag reuse");
+    assert_eq!(reply_code(&err), Some(530), "{err}");
+    within(async {
+        while connection.status().connected() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    broker.shutdown().await;
+}
