@@ -100,6 +100,7 @@ pub async fn serve(
         channels: HashMap::new(),
         sender,
         backlog: Arc::new(Backlog::default()),
+        route_scratch: Vec::new(),
         exclusive_queues: Vec::new(),
         client_blocked_capable: false,
         has_published: false,
@@ -145,6 +146,8 @@ struct Connection {
     channels: HashMap<u16, Channel>,
     sender: mpsc::UnboundedSender<Outbound>,
     backlog: Arc<Backlog>,
+    /// Reused for each publish's list of target queues.
+    route_scratch: Vec<Arc<Queue>>,
     exclusive_queues: Vec<String>,
     client_blocked_capable: bool,
     has_published: bool,
@@ -454,6 +457,10 @@ impl Connection {
                     }
                 }
                 _ = ticker.tick() => {
+                    if read_paused {
+                        // We are not reading, so silence proves nothing.
+                        self.last_read = Instant::now();
+                    }
                     if let Some(interval) = heartbeat {
                         if self.last_read.elapsed() > interval * 2 {
                             tracing::info!(connection = %self.name, "missed heartbeats; closing");
@@ -898,37 +905,35 @@ impl Connection {
             entry,
             no_ack,
         } = delivery;
-        let live = self.channels.get(&channel_id).is_some_and(|c| {
-            !c.closing && !self.closing && c.consumers.contains_key(&consumer_tag)
-        });
-        if !live {
+        let closing = self.closing;
+        let found = self
+            .channels
+            .get_mut(&channel_id)
+            .filter(|c| !c.closing && !closing)
+            .and_then(|c| {
+                let credit = c.consumers.get(&consumer_tag)?.credit.clone();
+                Some((c, credit))
+            });
+        let Some((channel, credit)) = found else {
             // Raced with a cancel or close: give the message back.
             if !no_ack {
-                let credit = self.channels.get(&channel_id).map(|c| c.credit.clone());
-                if let Some(credit) = credit {
-                    credit.release(1);
+                if let Some(channel) = self.channels.get(&channel_id) {
+                    channel.credit.release(1);
                 }
                 let mut dead = Vec::new();
                 queue.requeue(vec![entry], Instant::now(), &mut dead);
                 self.broker.dead_letter(dead);
             }
             return;
-        }
-        let frame_max = self.frame_max;
-        let Some(channel) = self.channels.get_mut(&channel_id) else {
-            return;
         };
+        let frame_max = self.frame_max;
         let message = entry.message.clone();
         let redelivered = entry.redelivered;
         let tag = if no_ack {
             channel.delivery_tag += 1;
             channel.delivery_tag
         } else {
-            let credit = channel
-                .consumers
-                .get(&consumer_tag)
-                .map(|c| c.credit.clone());
-            channel.track(queue, entry, credit)
+            channel.track(queue, entry, Some(credit))
         };
         self.encoder.deliver(
             &mut self.write_buf,
@@ -1076,7 +1081,9 @@ impl Connection {
         mandatory: bool,
     ) -> Result<(), AmqpError> {
         self.has_published = true;
-        let published = self.broker.publish(&self.vhost, message.clone())?;
+        let published =
+            self.broker
+                .publish_with(&self.vhost, message.clone(), &mut self.route_scratch)?;
         if published.n_queues == 0 && !published.rejected {
             if mandatory {
                 self.broker.metrics.messages_unroutable_returned_total.inc();
