@@ -311,6 +311,21 @@ impl Broker {
         )
     }
 
+    /// Whether an exchange is internal; `None` when it does not exist.
+    /// (The publish path uses this rather than cloning the definition.)
+    pub fn exchange_is_internal(&self, vhost: &str, name: &str) -> Option<bool> {
+        Some(
+            self.read()
+                .meta
+                .vhosts
+                .get(vhost)?
+                .exchanges
+                .get(name)?
+                .def
+                .internal,
+        )
+    }
+
     /// Whether a vhost exists.
     pub fn has_vhost(&self, vhost: &str) -> bool {
         self.read().meta.vhosts.contains_key(vhost)
@@ -319,7 +334,18 @@ impl Broker {
     /// Routes and enqueues a message. Errors are channel-level (404 no
     /// exchange). `n_queues == 0` means unroutable.
     pub fn publish(&self, vhost: &str, message: Arc<Message>) -> Result<Published, AmqpError> {
-        let mut targets: Vec<Arc<Queue>> = Vec::new();
+        self.publish_with(vhost, message, &mut Vec::new())
+    }
+
+    /// [`Broker::publish`] with a caller-owned scratch list, so the hot
+    /// path allocates nothing per message for routing.
+    pub fn publish_with(
+        &self,
+        vhost: &str,
+        message: Arc<Message>,
+        targets: &mut Vec<Arc<Queue>>,
+    ) -> Result<Published, AmqpError> {
+        targets.clear();
         {
             let state = self.read();
             let queues = state.queues.get(vhost);
@@ -347,19 +373,24 @@ impl Broker {
             n_queues: 0,
             rejected: false,
         };
-        for queue in &targets {
+        for queue in targets.drain(..) {
             match queue.publish(message.clone(), now, &mut dead) {
                 Enqueued::Accepted => published.n_queues += 1,
                 Enqueued::Rejected => published.rejected = true,
             }
         }
-        self.dead_letter(dead);
+        if !dead.is_empty() {
+            self.dead_letter(dead);
+        }
         Ok(published)
     }
 
     /// Republishes dead letters to their exchanges (and any dead letters
     /// that causes, up to a bound).
     pub fn dead_letter(&self, mut dead: Vec<DeadLetter>) {
+        if dead.is_empty() {
+            return;
+        }
         let mut hops = 0;
         let time_s = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
