@@ -579,7 +579,7 @@ impl Sim {
         {
             return true;
         }
-        if self.now % 10 == 0 {
+        if self.now.is_multiple_of(10) {
             let probe = format!("probe-{}", self.now).into_bytes();
             if let Some(i) = self.leader_index() {
                 let _ = self.nodes[i]
