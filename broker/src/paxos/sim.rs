@@ -21,7 +21,7 @@ const HEAL_TICKS_MAX: u64 = 2_000;
 /// Nodes a simulated cluster grows to at most.
 const NODES_MAX: usize = 7;
 /// Seeds per cluster size when `PAXOS_SIM_SEEDS` is not set.
-const SEEDS_DEFAULT: u64 = 600;
+const SEEDS_DEFAULT: u64 = 1_000;
 
 /// Fault and workload rates of one run, in events per million.
 #[derive(Debug, Clone)]
@@ -765,24 +765,19 @@ impl Sim {
     }
 }
 
-fn seeds_from_env() -> (Option<u64>, u64) {
-    let replay = std::env::var("SEED").ok().and_then(|s| s.parse().ok());
-    let count = std::env::var("PAXOS_SIM_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(SEEDS_DEFAULT);
-    (replay, count)
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|s| s.parse().ok())
 }
 
 fn run_seeds(n_nodes: usize) {
-    let (replay, count) = seeds_from_env();
-    if let Some(seed) = replay {
+    let count = env_u64("PAXOS_SIM_SEEDS").unwrap_or(SEEDS_DEFAULT);
+    if let Some(seed) = env_u64("SEED") {
         Sim::new(seed, n_nodes, true).run();
         return;
     }
     // Different sizes use different seeds so that the two suites do not
-    // repeat each other's fault schedules.
-    let base = n_nodes as u64 * 1_000_000;
+    // repeat each other's fault schedules; PAXOS_SIM_BASE explores further.
+    let base = env_u64("PAXOS_SIM_BASE").unwrap_or(n_nodes as u64 * 1_000_000);
     let (mut wipes, mut changes) = (0, 0);
     for seed in base..base + count {
         let result = std::panic::catch_unwind(|| {
