@@ -247,6 +247,7 @@ impl ClusterNode {
             pending: Vec::new(),
             pending_changes: Vec::new(),
             elections_counted: 0,
+            last_seen: BTreeMap::new(),
             config,
         };
         let task = tokio::spawn(driver.run(inbox_rx, commands_rx, shutdown_rx));
@@ -367,6 +368,8 @@ struct Driver {
     pending: Vec<PendingProposal>,
     pending_changes: Vec<PendingChange>,
     elections_counted: u64,
+    /// When a message from each identity last arrived (liveness for status).
+    last_seen: BTreeMap<NodeId, Instant>,
     config: ClusterConfig,
 }
 
@@ -388,10 +391,10 @@ impl Driver {
                 }
                 msg = inbox.recv() => {
                     let Some(msg) = msg else { break };
-                    self.paxos.step(msg);
+                    self.step(msg);
                     for _ in 1..INBOX_BATCH_MAX {
                         match inbox.try_recv() {
-                            Ok(msg) => self.paxos.step(msg),
+                            Ok(msg) => self.step(msg),
                             Err(_) => break,
                         }
                     }
@@ -424,6 +427,13 @@ impl Driver {
         status.decided_index = self.paxos.decided();
         self.status_tx.send_replace(status);
         self.metrics.paxos_is_leader.set(0);
+    }
+
+    fn step(&mut self, msg: paxos::Message) {
+        if self.last_seen.len() < PENDING_PROPOSALS_MAX || self.last_seen.contains_key(&msg.from) {
+            self.last_seen.insert(msg.from.clone(), Instant::now());
+        }
+        self.paxos.step(msg);
     }
 
     fn on_command(&mut self, command: Command) {
@@ -636,6 +646,7 @@ impl Driver {
             .max()
             .unwrap_or(s.decided);
         let alive_ticks = 2 * self.config.election_ticks;
+        let alive_within = self.config.tick_interval * alive_ticks as u32;
         let members: Vec<MemberInfo> = s
             .members
             .iter()
@@ -643,7 +654,12 @@ impl Driver {
                 name: m.id.name.clone(),
                 incarnation: format!("{:016x}", m.id.incarnation),
                 role: if m.voter { "voter" } else { "learner" }.into(),
-                alive: m.last_heard_ticks.map(|t| t < alive_ticks),
+                alive: m.last_heard_ticks.map(|t| t < alive_ticks).or_else(|| {
+                    // Followers hear from few peers; what did arrive still counts.
+                    self.last_seen
+                        .get(&m.id)
+                        .map(|seen| seen.elapsed() < alive_within)
+                }),
                 lag: m.decided.map(|d| best.saturating_sub(d)),
             })
             .collect();
