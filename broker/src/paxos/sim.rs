@@ -2,6 +2,21 @@
 //! the network, the disks, the faults and the workload, and safety is checked
 //! after every event. No threads, no clock, no I/O: a failing seed replays
 //! exactly with `SEED=<seed>`.
+//!
+//! Checked after every event, against a record kept outside the nodes:
+//! - one value per slot: every node applies, for each slot, the value first
+//!   decided anywhere, in slot order without gaps (so every applied log is a
+//!   prefix of every other), and installed snapshots match that log;
+//! - one value per ballot and slot among all durable acceptances;
+//! - each first decision of a slot is made by a voter of the configuration
+//!   governing that slot (the one produced by the slots before it), on a
+//!   quorum of that configuration's voters that durably accepted the value:
+//!   no node decides under a configuration it is not part of, and no
+//!   configuration decides a slot outside its epoch;
+//! - only one cluster is ever bootstrapped;
+//! - after healing, every member agrees on the latest decided configuration
+//!   (committed changes are never lost), and a new proposal is decided at
+//!   every member within `HEAL_TICKS_MAX` ticks.
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, BTreeSet};
@@ -14,14 +29,14 @@ use super::{
 
 /// Ticks to form the initial cluster (every seed-list node a voter).
 const FORM_TICKS_MAX: u64 = 1_500;
-/// Ticks of faults and workload.
+/// Ticks of faults and workload (`PAXOS_SIM_FAULT_TICKS` overrides).
 const FAULT_TICKS: u64 = 300;
 /// Ticks after healing within which a leader must decide a new proposal at every member.
 const HEAL_TICKS_MAX: u64 = 2_000;
 /// Nodes a simulated cluster grows to at most.
 const NODES_MAX: usize = 7;
 /// Seeds per cluster size when `PAXOS_SIM_SEEDS` is not set.
-const SEEDS_DEFAULT: u64 = 600;
+const SEEDS_DEFAULT: u64 = 1_000;
 
 /// Fault and workload rates of one run, in events per million.
 #[derive(Debug, Clone)]
@@ -253,7 +268,8 @@ impl Sim {
         let formed = self.run_until(FORM_TICKS_MAX, |sim| sim.settled());
         assert!(formed, "the initial cluster did not form");
         self.rates = base_rates;
-        for _ in 0..FAULT_TICKS {
+        let fault_ticks = env_u64("PAXOS_SIM_FAULT_TICKS").unwrap_or(FAULT_TICKS);
+        for _ in 0..fault_ticks {
             self.step_tick();
         }
         self.rates = Rates::healed();
@@ -318,6 +334,9 @@ impl Sim {
             let Some(i) = self.nodes.iter().position(|n| n.id.name == msg.to.name) else {
                 continue;
             };
+            if self.trace && std::env::var("PAXOS_SIM_TRACE_MESSAGES").is_ok() {
+                eprintln!("[seed {} t={}] deliver {msg:?}", self.seed, self.now);
+            }
             if let Some(paxos) = self.nodes[i].paxos.as_mut() {
                 paxos.step(msg);
                 self.process_ready(i);
@@ -579,7 +598,7 @@ impl Sim {
         {
             return true;
         }
-        if self.now % 10 == 0 {
+        if self.now.is_multiple_of(10) {
             let probe = format!("probe-{}", self.now).into_bytes();
             if let Some(i) = self.leader_index() {
                 let _ = self.nodes[i]
@@ -765,24 +784,19 @@ impl Sim {
     }
 }
 
-fn seeds_from_env() -> (Option<u64>, u64) {
-    let replay = std::env::var("SEED").ok().and_then(|s| s.parse().ok());
-    let count = std::env::var("PAXOS_SIM_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(SEEDS_DEFAULT);
-    (replay, count)
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|s| s.parse().ok())
 }
 
 fn run_seeds(n_nodes: usize) {
-    let (replay, count) = seeds_from_env();
-    if let Some(seed) = replay {
+    let count = env_u64("PAXOS_SIM_SEEDS").unwrap_or(SEEDS_DEFAULT);
+    if let Some(seed) = env_u64("SEED") {
         Sim::new(seed, n_nodes, true).run();
         return;
     }
     // Different sizes use different seeds so that the two suites do not
-    // repeat each other's fault schedules.
-    let base = n_nodes as u64 * 1_000_000;
+    // repeat each other's fault schedules; PAXOS_SIM_BASE explores further.
+    let base = env_u64("PAXOS_SIM_BASE").unwrap_or(n_nodes as u64 * 1_000_000);
     let (mut wipes, mut changes) = (0, 0);
     for seed in base..base + count {
         let result = std::panic::catch_unwind(|| {
@@ -795,10 +809,16 @@ fn run_seeds(n_nodes: usize) {
                 wipes += w;
                 changes += c;
             }
-            Err(_) => panic!(
-                "simulation failed for seed {seed} with {n_nodes} nodes; replay with \
-                 SEED={seed} cargo test -p synod-broker --lib paxos::sim::tests::simulate_{n_nodes}_nodes"
-            ),
+            Err(_) => {
+                let ticks = env_u64("PAXOS_SIM_FAULT_TICKS")
+                    .map(|t| format!("PAXOS_SIM_FAULT_TICKS={t} "))
+                    .unwrap_or_default();
+                panic!(
+                    "simulation failed for seed {seed} with {n_nodes} nodes; replay with \
+                     {ticks}SEED={seed} cargo test -p synod-broker --lib \
+                     paxos::sim::tests::simulate_{n_nodes}_nodes -- --nocapture"
+                )
+            }
         }
     }
     // The faults the suite claims to cover must actually have happened.
