@@ -1,6 +1,10 @@
 //! Custom resource types of `synod.dev/v1alpha1`: specs, statuses, schema
 //! rules. Types only: nothing here talks to the API server or to brokers.
 
+// Several `printcolumn(...)` entries repeat `type_ = "string"`; clippy reads
+// the repeated key-value pairs inside `#[kube(...)]` as duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
+
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::CustomResourceExt;
