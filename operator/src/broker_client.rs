@@ -13,6 +13,8 @@ use synod_broker::mgmt::api::{
 
 /// Timeout of one management API request: a slow broker must not stall a reconcile.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Timeout of a readiness check: it is asked of every pod in each reconcile.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Errors talking to a broker.
 #[derive(Debug, thiserror::Error)]
@@ -107,12 +109,22 @@ impl BrokerClient {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<reqwest::Response, Error> {
+        self.send_within(method, path, body, REQUEST_TIMEOUT).await
+    }
+
+    async fn send_within(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        timeout: Duration,
+    ) -> Result<reqwest::Response, Error> {
         let url = format!("{}{path}", self.base_url);
         let mut request = self
             .http
             .request(method.clone(), &url)
             .basic_auth(&self.username, Some(&self.password))
-            .timeout(REQUEST_TIMEOUT);
+            .timeout(timeout);
         if let Some(body) = body {
             request = request
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
@@ -174,7 +186,10 @@ impl BrokerClient {
 
     /// `GET /api/cluster/ready`: whether this node is a caught-up member.
     pub async fn is_ready(&self) -> Result<bool, Error> {
-        match self.send(Method::GET, "/api/cluster/ready", None).await {
+        match self
+            .send_within(Method::GET, "/api/cluster/ready", None, READY_TIMEOUT)
+            .await
+        {
             Ok(_) => Ok(true),
             Err(Error::Status { status, .. })
                 if status == StatusCode::SERVICE_UNAVAILABLE.as_u16() =>

@@ -88,6 +88,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn committed_crds_match_the_types() {
+        // Goal: crds/*.yaml is exactly what crdgen writes now (the same check as scripts/test).
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds");
+        for (stem, crd) in all() {
+            let path = dir.join(format!("{stem}.yaml"));
+            let committed = std::fs::read_to_string(&path).expect("committed CRD file");
+            let generated = serde_yaml::to_string(&crd).expect("serializes");
+            assert!(
+                committed == generated,
+                "{} is stale: run `cargo run -p synod-operator --bin crdgen`",
+                path.display()
+            );
+        }
+    }
+
+    #[test]
     fn every_kind_is_namespaced_in_the_synod_group_and_category() {
         // Goal: the four CRDs share group, version, scope and category, and have a status subresource.
         let crds = all();
