@@ -18,3 +18,14 @@ pub mod crd;
 pub mod leader;
 pub mod metrics;
 pub mod resources;
+
+/// Selects aws-lc-rs as the process-wide TLS crypto provider.
+///
+/// The dependencies enable both of rustls' providers (kube asks for ring,
+/// reqwest and the broker's AMQP stack for aws-lc-rs), and rustls then
+/// refuses to guess. Call this once before creating any client; later calls
+/// (and a provider installed by someone else) are fine.
+pub fn install_crypto_provider() {
+    // An error only means a provider is already installed, which is what we want.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}

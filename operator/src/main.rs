@@ -122,6 +122,7 @@ async fn check_crds(client: &Client) -> anyhow::Result<bool> {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_tracing(&args.log_format);
+    synod_operator::install_crypto_provider();
     let identity = args.identity.clone().unwrap_or_else(default_identity);
 
     let client = Client::try_default()

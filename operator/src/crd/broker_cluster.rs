@@ -7,6 +7,7 @@ use k8s_openapi::api::core::v1::{
     Affinity, LocalObjectReference, ResourceRequirements, Toleration, TopologySpreadConstraint,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -107,15 +108,15 @@ pub struct BrokerClusterSpec {
     #[serde(default)]
     #[x_kube(validation = Rule::new("self == oldSelf").message("storage is immutable"))]
     pub storage: StorageSpec,
-    /// Additional broker settings (keys of the broker's TOML config file, e.g.
-    /// `{"heartbeat": 30}`). Keys the operator sets itself are refused. A change
-    /// restarts the brokers one at a time.
+    /// Additional broker settings: keys of the broker's TOML config file with
+    /// integer or string values, e.g. `{"heartbeat": 30}`. Keys the operator
+    /// sets itself are refused. A change restarts the brokers one at a time.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    #[schemars(schema_with = "super::arguments_schema")]
+    #[schemars(schema_with = "super::config_schema")]
     #[x_kube(validation = Rule::new(
         "!self.exists(k, k in ['node-name', 'data-dir', 'amqp-listen', 'mgmt-listen', 'metrics-listen', 'cluster-listen', 'peers', 'cluster-secret-file', 'tls-cert', 'tls-key', 'tls-ca', 'amqps-listen', 'config'])"
     ).message("config may not set keys the operator manages (listen addresses, node-name, data-dir, peers, cluster-secret-file, tls-*)"))]
-    pub config: BTreeMap<String, serde_json::Value>,
+    pub config: BTreeMap<String, IntOrString>,
     /// TLS for AMQP (5671), the management API, metrics and cluster traffic.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsSpec>,

@@ -72,14 +72,26 @@ pub(crate) fn default_true() -> bool {
 /// the cost the API server estimates for their CEL rules.
 pub const ARGUMENTS_MAX: u32 = 64;
 
-/// Schema of a free-form string-keyed map (AMQP arguments, broker settings):
-/// values of any JSON type, kept as given. Structural, so CEL can iterate the
-/// keys and compare whole maps.
+/// Schema of AMQP arguments: an object of any JSON values, kept as given
+/// (RabbitMQ arguments may be strings, numbers, booleans or tables). The API
+/// server can compare such objects as wholes in CEL, which is all the
+/// immutability rules need.
 pub(crate) fn arguments_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     schemars::json_schema!({
         "type": "object",
         "maxProperties": ARGUMENTS_MAX,
-        "additionalProperties": { "x-kubernetes-preserve-unknown-fields": true },
+        "x-kubernetes-preserve-unknown-fields": true,
+    })
+}
+
+/// Schema of broker settings: a map of integer-or-string values. Typed
+/// values, unlike free-form ones, give the API server a CEL map type, so a
+/// rule can refuse the keys the operator manages.
+pub(crate) fn config_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "maxProperties": ARGUMENTS_MAX,
+        "additionalProperties": { "x-kubernetes-int-or-string": true },
     })
 }
 

@@ -533,8 +533,10 @@ mod tests {
         let five = stateful_set(&cluster(), 5).expect("builds");
         assert_eq!(hash(&three), hash(&five));
         let mut spec = cluster().spec;
-        spec.config
-            .insert("heartbeat".into(), serde_json::json!(10));
+        spec.config.insert(
+            "heartbeat".into(),
+            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(10),
+        );
         let changed = stateful_set(&cluster_with(spec), 3).expect("builds");
         assert_ne!(hash(&three), hash(&changed));
         let mut spec = cluster().spec;
