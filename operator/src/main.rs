@@ -14,6 +14,7 @@ use kube::Client;
 use kube::api::{Api, ListParams};
 use synod_operator::controller::{self, DEFAULT_BROKER_URL_TEMPLATE, Settings};
 use synod_operator::crd::BrokerCluster;
+use synod_operator::crd::broker_cluster::DEFAULT_IMAGE;
 use synod_operator::leader::LeaseLock;
 use synod_operator::metrics::Metrics;
 use tracing::{error, info};
@@ -59,6 +60,9 @@ struct Args {
     /// {scheme} {pod_ip} {pod} {ordinal} {cluster} {namespace} {port}.
     #[arg(long, env = "SYNOD_BROKER_URL_TEMPLATE", default_value = DEFAULT_BROKER_URL_TEMPLATE)]
     broker_url_template: String,
+    /// Broker image for clusters that do not set `spec.image`.
+    #[arg(long, env = "SYNOD_OPERATOR_BROKER_IMAGE", default_value = DEFAULT_IMAGE)]
+    broker_image: String,
     /// Seconds between reconciles of healthy objects (drift repair).
     #[arg(long, env = "SYNOD_OPERATOR_RESYNC_SECONDS", default_value_t = 300)]
     resync_seconds: u64,
@@ -178,6 +182,7 @@ async fn main() -> anyhow::Result<()> {
         broker_url_template: args.broker_url_template.clone(),
         resync_interval: Duration::from_secs(args.resync_seconds.max(1)),
         transition_interval: Duration::from_secs(args.transition_seconds.max(1)),
+        broker_image: args.broker_image.clone(),
     };
 
     let lost_leadership = if args.no_leader_election {

@@ -134,7 +134,12 @@ async fn cleanup(cluster: Arc<BrokerCluster>, ctx: &Context) -> Result<Action, E
 }
 
 async fn apply(cluster: Arc<BrokerCluster>, ctx: &Context) -> Result<Action, Error> {
-    match apply_inner(&cluster, ctx).await {
+    // Builders see the effective spec: the operator's broker image fills an absent spec.image.
+    let mut effective = cluster.as_ref().clone();
+    if effective.spec.image.is_none() {
+        effective.spec.image = Some(ctx.settings.broker_image.clone());
+    }
+    match apply_inner(&effective, ctx).await {
         Ok(action) => Ok(action),
         Err(err) => {
             record_failure(&cluster, ctx, &err).await;

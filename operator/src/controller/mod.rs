@@ -86,6 +86,8 @@ pub struct Settings {
     pub resync_interval: Duration,
     /// How often a cluster in transition (scaling, rolling, not ready) is re-checked.
     pub transition_interval: Duration,
+    /// Broker image of clusters whose `spec.image` is absent.
+    pub broker_image: String,
 }
 
 impl Default for Settings {
@@ -94,6 +96,7 @@ impl Default for Settings {
             broker_url_template: DEFAULT_BROKER_URL_TEMPLATE.to_string(),
             resync_interval: Duration::from_secs(300),
             transition_interval: Duration::from_secs(5),
+            broker_image: crate::crd::broker_cluster::DEFAULT_IMAGE.to_string(),
         }
     }
 }
