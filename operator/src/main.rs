@@ -12,7 +12,9 @@ use clap::Parser;
 use futures::FutureExt;
 use kube::Client;
 use kube::api::{Api, ListParams};
-use synod_operator::controller::{self, DEFAULT_BROKER_URL_TEMPLATE, Settings};
+use synod_operator::controller::{
+    self, DEFAULT_BROKER_URL_TEMPLATE, DEFAULT_PEER_ADDRESS_TEMPLATE, Settings,
+};
 use synod_operator::crd::BrokerCluster;
 use synod_operator::crd::broker_cluster::DEFAULT_IMAGE;
 use synod_operator::leader::LeaseLock;
@@ -60,6 +62,10 @@ struct Args {
     /// {scheme} {pod_ip} {pod} {ordinal} {cluster} {namespace} {port}.
     #[arg(long, env = "SYNOD_BROKER_URL_TEMPLATE", default_value = DEFAULT_BROKER_URL_TEMPLATE)]
     broker_url_template: String,
+    /// Cluster address announced for a joining broker pod (same placeholders;
+    /// `{port}` is 25672). Tests without cluster DNS use `{pod_ip}:{port}`.
+    #[arg(long, env = "SYNOD_PEER_ADDRESS_TEMPLATE", default_value = DEFAULT_PEER_ADDRESS_TEMPLATE)]
+    peer_address_template: String,
     /// Broker image for clusters that do not set `spec.image`.
     #[arg(long, env = "SYNOD_OPERATOR_BROKER_IMAGE", default_value = DEFAULT_IMAGE)]
     broker_image: String,
@@ -180,6 +186,7 @@ async fn main() -> anyhow::Result<()> {
 
     let settings = Settings {
         broker_url_template: args.broker_url_template.clone(),
+        peer_address_template: args.peer_address_template.clone(),
         resync_interval: Duration::from_secs(args.resync_seconds.max(1)),
         transition_interval: Duration::from_secs(args.transition_seconds.max(1)),
         broker_image: args.broker_image.clone(),

@@ -30,7 +30,7 @@ use super::{
 use crate::conditions::{self, READY, condition};
 use crate::crd::broker_cluster::Endpoints;
 use crate::crd::{BrokerCluster, BrokerClusterStatus};
-use crate::resources::{self, AMQP_PORT, AMQPS_PORT, CLUSTER_PORT, MANAGEMENT_PORT, Names};
+use crate::resources::{self, AMQP_PORT, AMQPS_PORT, MANAGEMENT_PORT, Names};
 
 /// Kind label of this controller's metrics and logs.
 pub const KIND: &str = "BrokerCluster";
@@ -318,14 +318,11 @@ async fn apply_inner(cluster: &BrokerCluster, ctx: &Context) -> Result<Action, E
             .iter()
             .filter(|p| p.ordinal < sts_replicas && !p.terminating && p.url.is_some())
             .filter(|p| !members.contains(p.name.as_str()))
-            .map(|p| p.ordinal)
+            .filter_map(|p| Some((p.name.clone(), p.peer_address.clone()?)))
             .collect();
         if !members.is_empty() {
-            for ordinal in joining {
-                let request = MemberAdd {
-                    name: names.pod(ordinal),
-                    address: format!("{}:{CLUSTER_PORT}", names.pod_host(ordinal)),
-                };
+            for (name, address) in joining {
+                let request = MemberAdd { name, address };
                 let result = with_any_broker(ctx, cluster, &credentials, |client| {
                     let request = request.clone();
                     async move { client.add_member(&request).await }

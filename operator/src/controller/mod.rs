@@ -17,7 +17,7 @@ use tracing::warn;
 use crate::broker_client::{self, BrokerClient};
 use crate::crd::BrokerCluster;
 use crate::metrics::Metrics;
-use crate::resources::{self, MANAGEMENT_PORT, Names};
+use crate::resources::{self, CLUSTER_PORT, MANAGEMENT_PORT, Names};
 
 pub mod binding;
 pub mod broker_cluster;
@@ -31,6 +31,9 @@ pub const FIELD_MANAGER: &str = "synod-operator";
 pub const FINALIZER: &str = "synod.dev/finalizer";
 /// Default URL of pod `X-i`'s management API: its pod IP, so it works without cluster DNS.
 pub const DEFAULT_BROKER_URL_TEMPLATE: &str = "{scheme}://{pod_ip}:{port}";
+/// Default cluster address announced for a joining pod: its stable DNS name,
+/// the same form as the seed list (pod IPs change when pods are recreated).
+pub const DEFAULT_PEER_ADDRESS_TEMPLATE: &str = "{pod}.{cluster}-nodes.{namespace}.svc:{port}";
 /// First retry delay after a failed reconcile.
 pub const BACKOFF_MIN: Duration = Duration::from_secs(2);
 /// Longest retry delay after repeated failures.
@@ -82,6 +85,8 @@ impl Error {
 pub struct Settings {
     /// URL template of a pod's management API; see [`BrokerAccess`].
     pub broker_url_template: String,
+    /// Template of the cluster address announced for a joining pod.
+    pub peer_address_template: String,
     /// How often a healthy object is reconciled anyway, to repair drift.
     pub resync_interval: Duration,
     /// How often a cluster in transition (scaling, rolling, not ready) is re-checked.
@@ -94,6 +99,7 @@ impl Default for Settings {
     fn default() -> Self {
         Settings {
             broker_url_template: DEFAULT_BROKER_URL_TEMPLATE.to_string(),
+            peer_address_template: DEFAULT_PEER_ADDRESS_TEMPLATE.to_string(),
             resync_interval: Duration::from_secs(300),
             transition_interval: Duration::from_secs(5),
             broker_image: crate::crd::broker_cluster::DEFAULT_IMAGE.to_string(),
@@ -140,10 +146,8 @@ impl Context {
             client,
             recorder,
             metrics,
-            brokers: BrokerAccess {
-                http,
-                url_template: settings.broker_url_template.clone(),
-            },
+            brokers: BrokerAccess::new(http, &settings.broker_url_template)
+                .with_peer_address_template(&settings.peer_address_template),
             settings,
             failures: Mutex::new(HashMap::new()),
         }
@@ -216,6 +220,33 @@ pub(crate) fn error_policy<K: Resource<DynamicType = ()>>(
     Action::requeue(delay)
 }
 
+/// Fills a URL or address template for `pod`; `None` when it needs the pod IP
+/// and the pod has none yet, or the pod is not one of the cluster's.
+pub fn render_template(
+    template: &str,
+    names: &Names,
+    pod: &Pod,
+    tls: bool,
+    port: i32,
+) -> Option<String> {
+    let name = pod.name_any();
+    let ordinal = names.ordinal_of(&name)?;
+    let pod_ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone());
+    if template.contains("{pod_ip}") && pod_ip.is_none() {
+        return None;
+    }
+    Some(
+        template
+            .replace("{scheme}", if tls { "https" } else { "http" })
+            .replace("{pod_ip}", pod_ip.as_deref().unwrap_or_default())
+            .replace("{pod}", &name)
+            .replace("{ordinal}", &ordinal.to_string())
+            .replace("{cluster}", &names.cluster)
+            .replace("{namespace}", &names.namespace)
+            .replace("{port}", &port.to_string()),
+    )
+}
+
 /// How the operator reaches the management API of broker pods.
 ///
 /// The URL of pod `X-i` comes from a template with the placeholders
@@ -228,6 +259,7 @@ pub(crate) fn error_policy<K: Resource<DynamicType = ()>>(
 pub struct BrokerAccess {
     http: reqwest::Client,
     url_template: String,
+    peer_address_template: String,
 }
 
 /// One broker pod and the URL of its management API.
@@ -245,6 +277,8 @@ pub struct BrokerPod {
     pub terminating: bool,
     /// Management API URL, when the pod has the address the template needs.
     pub url: Option<String>,
+    /// Cluster address to announce when the pod joins.
+    pub peer_address: Option<String>,
 }
 
 impl BrokerAccess {
@@ -253,27 +287,25 @@ impl BrokerAccess {
         BrokerAccess {
             http,
             url_template: url_template.to_string(),
+            peer_address_template: DEFAULT_PEER_ADDRESS_TEMPLATE.to_string(),
         }
+    }
+
+    /// The same access, announcing joining pods at `template` (placeholders as for URLs).
+    pub fn with_peer_address_template(mut self, template: &str) -> BrokerAccess {
+        self.peer_address_template = template.to_string();
+        self
     }
 
     /// The management URL of `pod`, or `None` if the template needs a pod IP it lacks.
     pub fn url(&self, names: &Names, pod: &Pod, tls: bool) -> Option<String> {
-        let name = pod.name_any();
-        let ordinal = names.ordinal_of(&name)?;
-        let pod_ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone());
-        if self.url_template.contains("{pod_ip}") && pod_ip.is_none() {
-            return None;
-        }
-        Some(
-            self.url_template
-                .replace("{scheme}", if tls { "https" } else { "http" })
-                .replace("{pod_ip}", pod_ip.as_deref().unwrap_or_default())
-                .replace("{pod}", &name)
-                .replace("{ordinal}", &ordinal.to_string())
-                .replace("{cluster}", &names.cluster)
-                .replace("{namespace}", &names.namespace)
-                .replace("{port}", &MANAGEMENT_PORT.to_string()),
-        )
+        render_template(&self.url_template, names, pod, tls, MANAGEMENT_PORT)
+    }
+
+    /// The cluster-traffic address `host:port` of `pod`, announced when it
+    /// joins; see [`DEFAULT_PEER_ADDRESS_TEMPLATE`].
+    pub fn peer_address(&self, names: &Names, pod: &Pod) -> Option<String> {
+        render_template(&self.peer_address_template, names, pod, false, CLUSTER_PORT)
     }
 
     /// A client of the broker at `url` as the cluster's default user.
@@ -312,6 +344,7 @@ pub(crate) async fn broker_pods(
                     .cloned(),
                 terminating: pod.metadata.deletion_timestamp.is_some(),
                 url: ctx.brokers.url(&names, pod, tls),
+                peer_address: ctx.brokers.peer_address(&names, pod),
                 name,
             })
         })
@@ -458,6 +491,15 @@ mod tests {
         assert_eq!(
             dns.url(&names, &pod("rabbit-2", None), true),
             Some("https://rabbit-2.rabbit-nodes.prod.svc:15672".to_string())
+        );
+        assert_eq!(
+            dns.peer_address(&names, &pod("rabbit-2", None)),
+            Some("rabbit-2.rabbit-nodes.prod.svc:25672".to_string())
+        );
+        let by_ip = dns.with_peer_address_template("{pod_ip}:{port}");
+        assert_eq!(
+            by_ip.peer_address(&names, &pod("rabbit-0", Some("127.0.9.2"))),
+            Some("127.0.9.2:25672".to_string())
         );
     }
 
