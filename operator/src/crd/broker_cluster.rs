@@ -7,12 +7,14 @@ use k8s_openapi::api::core::v1::{
     Affinity, LocalObjectReference, ResourceRequirements, Toleration, TopologySpreadConstraint,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-/// Image used when `spec.image` is not set.
-pub const DEFAULT_IMAGE: &str = "ghcr.io/synod-dev/synod-broker:0.1.0";
+/// Image used when neither `spec.image` nor the operator's `--broker-image` is set:
+/// the release image, which holds both `synod-broker` and `synod-operator`.
+pub const DEFAULT_IMAGE: &str = "ghcr.io/synod-dev/synod:0.1.0";
 /// Replicas used when `spec.replicas` is not set.
 pub const DEFAULT_REPLICAS: i32 = 3;
 /// Upper bound on `spec.replicas`: Paxos rounds cost grows with the number of voters.
@@ -93,10 +95,11 @@ pub struct BrokerClusterSpec {
     #[serde(default = "default_replicas")]
     #[schemars(range(min = 1, max = 15))]
     pub replicas: i32,
-    /// Container image of `synod-broker`.
-    #[serde(default = "default_image")]
+    /// Container image with the `synod-broker` binary; the operator's
+    /// `--broker-image` (its own release image by default) when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1))]
-    pub image: String,
+    pub image: Option<String>,
     /// Image pull policy (`Always`, `IfNotPresent`, `Never`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_pull_policy: Option<PullPolicy>,
@@ -107,15 +110,15 @@ pub struct BrokerClusterSpec {
     #[serde(default)]
     #[x_kube(validation = Rule::new("self == oldSelf").message("storage is immutable"))]
     pub storage: StorageSpec,
-    /// Additional broker settings (keys of the broker's TOML config file, e.g.
-    /// `{"heartbeat": 30}`). Keys the operator sets itself are refused. A change
-    /// restarts the brokers one at a time.
+    /// Additional broker settings: keys of the broker's TOML config file with
+    /// integer or string values, e.g. `{"heartbeat": 30}`. Keys the operator
+    /// sets itself are refused. A change restarts the brokers one at a time.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    #[schemars(schema_with = "super::arguments_schema")]
+    #[schemars(schema_with = "super::config_schema")]
     #[x_kube(validation = Rule::new(
         "!self.exists(k, k in ['node-name', 'data-dir', 'amqp-listen', 'mgmt-listen', 'metrics-listen', 'cluster-listen', 'peers', 'cluster-secret-file', 'tls-cert', 'tls-key', 'tls-ca', 'amqps-listen', 'config'])"
     ).message("config may not set keys the operator manages (listen addresses, node-name, data-dir, peers, cluster-secret-file, tls-*)"))]
-    pub config: BTreeMap<String, serde_json::Value>,
+    pub config: BTreeMap<String, IntOrString>,
     /// TLS for AMQP (5671), the management API, metrics and cluster traffic.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsSpec>,
@@ -322,20 +325,16 @@ fn default_replicas() -> i32 {
     DEFAULT_REPLICAS
 }
 
-fn default_image() -> String {
-    DEFAULT_IMAGE.to_string()
-}
-
 fn default_storage_size() -> String {
     "1Gi".to_string()
 }
 
 impl BrokerClusterSpec {
-    /// A spec with every default, as the API server would fill it in.
+    /// A spec with every schema default, as the API server would fill it in.
     pub fn with_defaults() -> BrokerClusterSpec {
         BrokerClusterSpec {
             replicas: DEFAULT_REPLICAS,
-            image: default_image(),
+            image: None,
             image_pull_policy: None,
             resources: None,
             storage: StorageSpec::default(),

@@ -1,6 +1,10 @@
 //! Custom resource types of `synod.dev/v1alpha1`: specs, statuses, schema
 //! rules. Types only: nothing here talks to the API server or to brokers.
 
+// Several `printcolumn(...)` entries repeat `type_ = "string"`; clippy reads
+// the repeated key-value pairs inside `#[kube(...)]` as duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
+
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::CustomResourceExt;
@@ -68,20 +72,48 @@ pub(crate) fn default_true() -> bool {
 /// the cost the API server estimates for their CEL rules.
 pub const ARGUMENTS_MAX: u32 = 64;
 
-/// Schema of a free-form string-keyed map (AMQP arguments, broker settings):
-/// values of any JSON type, kept as given. Structural, so CEL can iterate the
-/// keys and compare whole maps.
+/// Schema of AMQP arguments: an object of any JSON values, kept as given
+/// (RabbitMQ arguments may be strings, numbers, booleans or tables). The API
+/// server can compare such objects as wholes in CEL, which is all the
+/// immutability rules need.
 pub(crate) fn arguments_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     schemars::json_schema!({
         "type": "object",
         "maxProperties": ARGUMENTS_MAX,
-        "additionalProperties": { "x-kubernetes-preserve-unknown-fields": true },
+        "x-kubernetes-preserve-unknown-fields": true,
+    })
+}
+
+/// Schema of broker settings: a map of integer-or-string values. Typed
+/// values, unlike free-form ones, give the API server a CEL map type, so a
+/// rule can refuse the keys the operator manages.
+pub(crate) fn config_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "maxProperties": ARGUMENTS_MAX,
+        "additionalProperties": { "x-kubernetes-int-or-string": true },
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn committed_crds_match_the_types() {
+        // Goal: crds/*.yaml is exactly what crdgen writes now (the same check as scripts/test).
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds");
+        for (stem, crd) in all() {
+            let path = dir.join(format!("{stem}.yaml"));
+            let committed = std::fs::read_to_string(&path).expect("committed CRD file");
+            let generated = serde_yaml::to_string(&crd).expect("serializes");
+            assert!(
+                committed == generated,
+                "{} is stale: run `cargo run -p synod-operator --bin crdgen`",
+                path.display()
+            );
+        }
+    }
 
     #[test]
     fn every_kind_is_namespaced_in_the_synod_group_and_category() {

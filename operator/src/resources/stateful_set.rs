@@ -26,6 +26,7 @@ use super::{
     Names, PASSWORD_KEY, USERNAME_KEY, labels, owned_metadata, selector_labels,
 };
 use crate::crd::BrokerCluster;
+use crate::crd::broker_cluster::DEFAULT_IMAGE;
 
 /// Pod-template annotation: hash of everything whose change needs a broker
 /// restart. The seed list is left out, so scaling does not restart members.
@@ -225,7 +226,15 @@ fn pod_template(
 
     let container = Container {
         name: CONTAINER_NAME.to_string(),
-        image: Some(cluster.spec.image.clone()),
+        image: Some(
+            cluster
+                .spec
+                .image
+                .clone()
+                .unwrap_or_else(|| DEFAULT_IMAGE.to_string()),
+        ),
+        // The release image also holds the operator: name the program.
+        command: Some(vec!["synod-broker".to_string()]),
         image_pull_policy: cluster
             .spec
             .image_pull_policy
@@ -515,7 +524,9 @@ mod tests {
             .and_then(|v| v.secret_key_ref)
             .expect("secret ref");
         assert_eq!(password.name, "rabbit-default-user");
+        assert_eq!(container.command, Some(vec!["synod-broker".to_string()]));
         assert_eq!(container.args.expect("args")[1], "/etc/synod/synod.toml");
+        assert_eq!(container.image.as_deref(), Some(DEFAULT_IMAGE));
     }
 
     #[test]
@@ -533,12 +544,14 @@ mod tests {
         let five = stateful_set(&cluster(), 5).expect("builds");
         assert_eq!(hash(&three), hash(&five));
         let mut spec = cluster().spec;
-        spec.config
-            .insert("heartbeat".into(), serde_json::json!(10));
+        spec.config.insert(
+            "heartbeat".into(),
+            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(10),
+        );
         let changed = stateful_set(&cluster_with(spec), 3).expect("builds");
         assert_ne!(hash(&three), hash(&changed));
         let mut spec = cluster().spec;
-        spec.image = "synod:other".into();
+        spec.image = Some("synod:other".into());
         assert_ne!(
             restart_hash(&cluster()).expect("hash"),
             restart_hash(&cluster_with(spec)).expect("hash")
