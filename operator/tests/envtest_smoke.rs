@@ -11,9 +11,11 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
     ConfigMap, ConfigMapKeySelector, ConfigMapVolumeSource, Container, ContainerPort, EnvVar,
-    EnvVarSource, ExecAction, HTTPGetAction, Namespace, ObjectFieldSelector, Pod, PodSpec,
-    PodTemplateSpec, Probe, Volume, VolumeMount,
+    EnvVarSource, ExecAction, HTTPGetAction, Namespace, ObjectFieldSelector, PersistentVolumeClaim,
+    PersistentVolumeClaimSpec, Pod, PodSpec, PodTemplateSpec, Probe, Volume, VolumeMount,
+    VolumeResourceRequirements,
 };
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
@@ -168,7 +170,17 @@ async fn control_plane_serves_objects_enforces_rbac_and_runs_statefulset_pods() 
                     containers: vec![Container {
                         name: "main".into(),
                         image: Some("busybox".into()),
-                        command: Some(vec!["sleep".into(), "600".into()]),
+                        // Each start leaves a line on the Pod's volume, then idles.
+                        command: Some(vec![
+                            "sh".into(),
+                            "-c".into(),
+                            "echo started >> /var/lib/web/boots; exec sleep 600".into(),
+                        ]),
+                        volume_mounts: Some(vec![VolumeMount {
+                            name: "data".into(),
+                            mount_path: "/var/lib/web".into(),
+                            ..VolumeMount::default()
+                        }]),
                         readiness_probe: Some(Probe {
                             exec: Some(ExecAction {
                                 command: Some(vec!["true".into()]),
@@ -180,6 +192,24 @@ async fn control_plane_serves_objects_enforces_rbac_and_runs_statefulset_pods() 
                     ..PodSpec::default()
                 }),
             },
+            volume_claim_templates: Some(vec![PersistentVolumeClaim {
+                metadata: ObjectMeta {
+                    name: Some("data".into()),
+                    ..ObjectMeta::default()
+                },
+                spec: Some(PersistentVolumeClaimSpec {
+                    access_modes: Some(vec!["ReadWriteOnce".into()]),
+                    resources: Some(VolumeResourceRequirements {
+                        requests: Some(BTreeMap::from([(
+                            "storage".to_string(),
+                            Quantity("1Gi".into()),
+                        )])),
+                        ..VolumeResourceRequirements::default()
+                    }),
+                    ..PersistentVolumeClaimSpec::default()
+                }),
+                ..PersistentVolumeClaim::default()
+            }]),
             ..StatefulSetSpec::default()
         }),
         ..StatefulSet::default()
@@ -248,6 +278,29 @@ async fn control_plane_serves_objects_enforces_rbac_and_runs_statefulset_pods() 
     })
     .await;
     assert_eq!(pod_ip(&recreated), Some(web_0_ip));
+    // The recreated Pod found the data its predecessor wrote on its claim,
+    // which the simulator provisioned and kube-controller-manager bound.
+    let claim_dir = kubelet.claim_dir("smoke", "data-web-0");
+    wait_for("two starts recorded on data-web-0", POD_TIMEOUT, || {
+        let claim_dir = claim_dir.clone();
+        async move {
+            let boots: String = std::fs::read_dir(&claim_dir)
+                .ok()?
+                .filter_map(|entry| std::fs::read_to_string(entry.ok()?.path().join("boots")).ok())
+                .collect();
+            (boots.lines().count() == 2).then_some(())
+        }
+    })
+    .await;
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "smoke");
+    wait_for("claim data-web-0 Bound", POD_TIMEOUT, || {
+        let claims = claims.clone();
+        async move {
+            let phase = claims.get("data-web-0").await.ok()?.status?.phase?;
+            (phase == "Bound").then_some(())
+        }
+    })
+    .await;
 
     // Deleting the owner removes its Pods (garbage collector + simulator).
     stateful_sets
