@@ -1,6 +1,6 @@
 package brokertests
 
-// The broker under test and the helpers every test uses: a synod-broker
+// The broker under test and the functions every test uses: a synod-broker
 // process started once for the package (or the broker named by AMQP_URL),
 // unique names that are deleted afterwards, and waits on conditions with
 // deadlines instead of sleeps.

@@ -15,7 +15,7 @@ from pathlib import Path
 import pika
 import pytest
 
-from helpers import WAIT_TIMEOUT_S
+from support import WAIT_TIMEOUT_S
 
 # How long the broker may take to accept AMQP connections after it starts.
 BROKER_START_TIMEOUT_S = 30.0

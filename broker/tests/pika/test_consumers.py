@@ -5,7 +5,7 @@ multiple, requeue with the redelivered flag, and basic.recover."""
 import pika
 import pytest
 
-from helpers import WAIT_TIMEOUT_S, collect, get_one, message_count, wait_until
+from support import WAIT_TIMEOUT_S, collect, get_one, message_count, wait_until
 
 
 def _fill(ch, conn, q, n):

@@ -4,7 +4,7 @@ transient queues or transient messages."""
 
 import pika
 
-from helpers import WAIT_TIMEOUT_S, collect, exchange_exists, queue_exists
+from support import WAIT_TIMEOUT_S, collect, exchange_exists, queue_exists
 
 PERSISTENT = pika.BasicProperties(delivery_mode=pika.DeliveryMode.Persistent)
 TRANSIENT = pika.BasicProperties(delivery_mode=pika.DeliveryMode.Transient)

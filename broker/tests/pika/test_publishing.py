@@ -9,7 +9,7 @@ import os
 import pika
 import pytest
 
-from helpers import WAIT_TIMEOUT_S, collect, get_one, message_count, wait_until
+from support import WAIT_TIMEOUT_S, collect, get_one, message_count, wait_until
 
 
 def test_properties_and_header_table_round_trip(ch, names):
