@@ -5,7 +5,11 @@
 #
 # Usage: scripts/rabbitmq-for-tests.sh start   # prints the AMQP_URL to export
 #        scripts/rabbitmq-for-tests.sh stop
+#        scripts/rabbitmq-for-tests.sh restart # keeps the data: for durability tests
 #        scripts/rabbitmq-for-tests.sh status
+# Check the pika suite against it:
+#   eval "$(scripts/rabbitmq-for-tests.sh start)"
+#   AMQP_RESTART_CMD="scripts/rabbitmq-for-tests.sh restart" scripts/test-pika.sh
 # Env:   RABBITMQ_TEST_PORT (default 5672), RABBITMQ_TEST_DIR
 #        (default ~/.cache/synod/rabbitmq-for-tests)
 set -euo pipefail
@@ -41,14 +45,22 @@ amqp_up() {
     (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null
 }
 
-case "${1:-}" in
-start)
+stop_node() {
+    "$bin/rabbitmqctl" -n "$RABBITMQ_NODENAME" stop "$RABBITMQ_PID_FILE" || true
+    # Erlang started an epmd daemon for the node; leave none behind unless
+    # another Erlang node still uses it.
+    if command -v epmd > /dev/null && ! epmd -names 2>/dev/null | grep -q '^name '; then
+        epmd -kill > /dev/null 2>&1 || true
+    fi
+}
+
+start_node() {
     if amqp_up; then
         echo "something already listens on 127.0.0.1:$port" >&2
         exit 1
     fi
     mkdir -p "$HOME" "$RABBITMQ_MNESIA_BASE" "$RABBITMQ_LOG_BASE"
-    # The management listener stays on loopback too; no plugin is enabled.
+    # No plugin is enabled: AMQP and Erlang distribution are the only listeners.
     cat > "$base/rabbitmq.conf" <<CONF
 listeners.tcp.default = 127.0.0.1:$port
 loopback_users.guest = true
@@ -65,21 +77,25 @@ CONF
         fi
         sleep 0.5
     done
+}
+
+case "${1:-}" in
+start)
+    start_node
     echo "export AMQP_URL=amqp://guest:guest@127.0.0.1:$port/"
     ;;
 stop)
-    "$bin/rabbitmqctl" -n "$RABBITMQ_NODENAME" stop "$RABBITMQ_PID_FILE" || true
-    # Erlang started an epmd daemon for the node; leave none behind unless
-    # another Erlang node still uses it.
-    if command -v epmd > /dev/null && ! epmd -names 2>/dev/null | grep -q '^name '; then
-        epmd -kill > /dev/null 2>&1 || true
-    fi
+    stop_node
+    ;;
+restart)
+    stop_node
+    start_node
     ;;
 status)
     "$bin/rabbitmqctl" -n "$RABBITMQ_NODENAME" status
     ;;
 *)
-    echo "usage: $0 start|stop|status" >&2
+    echo "usage: $0 start|stop|restart|status" >&2
     exit 2
     ;;
 esac

@@ -27,5 +27,6 @@ go test -count=1 -timeout 5m -v "$@" ./... 2>&1 | tee "$log" || status=$?
 # go test -v ends with "ok"/"FAIL" per package; add a count of top-level tests.
 passed=$(grep -c '^--- PASS' "$log" || true)
 failed=$(grep -c '^--- FAIL' "$log" || true)
-echo "amqp091-go: $passed passed, $failed failed"
+skipped=$(grep -c '^--- SKIP' "$log" || true)
+echo "amqp091-go: $passed passed, $failed failed, $skipped skipped"
 exit "$status"

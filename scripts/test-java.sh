@@ -2,7 +2,7 @@
 # Runs the RabbitMQ Java client (com.rabbitmq:amqp-client) suite against a
 # synod-broker it starts from ${SYNOD_BROKER_BIN:-target/debug/synod-broker},
 # or against the broker named by AMQP_URL. Builds nothing of Synod; run
-# scripts/setup-clients.sh first (Maven then works offline). Extra arguments
+# scripts/setup-clients.sh first (it fills the Maven cache). Extra arguments
 # go to Maven (e.g. -Dtest=TutorialsTest).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,4 +22,4 @@ if [ -z "${AMQP_URL:-}" ]; then
     export SYNOD_BROKER_BIN
 fi
 cd broker/tests/java
-exec mvn -B -o -Dmaven.repo.local="$m2" -Dstyle.color=never test "$@"
+exec mvn -B -Dmaven.repo.local="$m2" -Dstyle.color=never test "$@"

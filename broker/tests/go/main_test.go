@@ -1,6 +1,6 @@
 package brokertests
 
-// The broker under test and the helpers every test uses: a synod-broker
+// The broker under test and the functions every test uses: a synod-broker
 // process started once for the package (or the broker named by AMQP_URL),
 // unique names that are deleted afterwards, and waits on conditions with
 // deadlines instead of sleeps.
@@ -15,6 +15,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -40,76 +41,129 @@ func runWithBroker(m *testing.M) int {
 		brokerURL = url
 		return m.Run()
 	}
+	broker, err := newSynodProcess()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 2
+	}
+	defer broker.remove()
+	if err := broker.start(); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 3
+	}
+	brokerURL = broker.url()
+	return m.Run()
+}
+
+// synodProcess is one synod-broker on free loopback ports with its own data
+// directory; restart stops it (SIGTERM) and starts it on the same ports and data.
+type synodProcess struct {
+	bin    string
+	dir    string
+	ports  [4]int
+	cmd    *exec.Cmd
+	exited chan error
+}
+
+func newSynodProcess() (*synodProcess, error) {
 	bin := os.Getenv("SYNOD_BROKER_BIN")
 	if bin == "" {
 		bin = filepath.Join("..", "..", "..", "target", "debug", "synod-broker")
 	}
 	if _, err := os.Stat(bin); err != nil {
-		fmt.Fprintf(os.Stderr, "broker binary %s is missing (%v): build it with cargo build -p synod-broker or set SYNOD_BROKER_BIN\n", bin, err)
-		return 2
+		return nil, fmt.Errorf("broker binary %s is missing (%v): build it with cargo build -p synod-broker or set SYNOD_BROKER_BIN", bin, err)
 	}
-	dataDir, err := os.MkdirTemp("", "synod-go-")
+	dir, err := os.MkdirTemp("", "synod-go-")
 	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 2
+		return nil, err
 	}
-	defer os.RemoveAll(dataDir)
-	ports := make([]int, 4)
-	for i := range ports {
-		if ports[i], err = freePort(); err != nil {
-			fmt.Fprintln(os.Stderr, err)
-			return 2
+	p := &synodProcess{bin: bin, dir: dir}
+	for i := range p.ports {
+		if p.ports[i], err = freePort(); err != nil {
+			os.RemoveAll(dir)
+			return nil, err
 		}
 	}
-	logPath := filepath.Join(dataDir, "broker.log")
-	logFile, err := os.Create(logPath)
+	return p, nil
+}
+
+func (p *synodProcess) addr() string { return fmt.Sprintf("127.0.0.1:%d", p.ports[0]) }
+
+func (p *synodProcess) url() string { return "amqp://guest:guest@" + p.addr() + "/" }
+
+func (p *synodProcess) start() error {
+	logPath := filepath.Join(p.dir, "broker.log")
+	logFile, err := os.OpenFile(logPath, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
 	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 2
+		return err
 	}
 	defer logFile.Close()
-	cmd := exec.Command(bin,
-		"--amqp-listen", fmt.Sprintf("127.0.0.1:%d", ports[0]),
-		"--mgmt-listen", fmt.Sprintf("127.0.0.1:%d", ports[1]),
-		"--metrics-listen", fmt.Sprintf("127.0.0.1:%d", ports[2]),
-		"--cluster-listen", fmt.Sprintf("127.0.0.1:%d", ports[3]),
-		"--data-dir", filepath.Join(dataDir, "data"))
-	cmd.Stdout = logFile
-	cmd.Stderr = logFile
-	if err := cmd.Start(); err != nil {
-		fmt.Fprintf(os.Stderr, "starting %s: %v\n", bin, err)
-		return 2
+	p.cmd = exec.Command(p.bin,
+		"--amqp-listen", p.addr(),
+		"--mgmt-listen", fmt.Sprintf("127.0.0.1:%d", p.ports[1]),
+		"--metrics-listen", fmt.Sprintf("127.0.0.1:%d", p.ports[2]),
+		"--cluster-listen", fmt.Sprintf("127.0.0.1:%d", p.ports[3]),
+		"--data-dir", filepath.Join(p.dir, "data"))
+	p.cmd.Stdout = logFile
+	p.cmd.Stderr = logFile
+	if err := p.cmd.Start(); err != nil {
+		return fmt.Errorf("starting %s: %v", p.bin, err)
 	}
-	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait() }()
-	defer func() {
-		_ = cmd.Process.Kill()
-		<-exited
-	}()
-	addr := fmt.Sprintf("127.0.0.1:%d", ports[0])
+	p.exited = make(chan error, 1)
+	go func(cmd *exec.Cmd, exited chan<- error) { exited <- cmd.Wait() }(p.cmd, p.exited)
+	return waitListening(p.addr(), func() error {
+		select {
+		case err := <-p.exited:
+			p.exited <- err
+			out, _ := os.ReadFile(logPath)
+			return fmt.Errorf("synod-broker exited (%v) before accepting connections:\n%s", err, tail(string(out), 4000))
+		default:
+			return nil
+		}
+	})
+}
+
+// waitListening polls addr until it accepts a TCP connection; alive reports a dead process early.
+func waitListening(addr string, alive func() error) error {
 	deadline := time.Now().Add(brokerStartTimeout)
 	for {
 		conn, err := net.DialTimeout("tcp", addr, 500*time.Millisecond)
 		if err == nil {
 			conn.Close()
-			break
+			return nil
 		}
-		select {
-		case err := <-exited:
-			exited <- err
-			out, _ := os.ReadFile(logPath)
-			fmt.Fprintf(os.Stderr, "synod-broker exited (%v) before accepting connections:\n%s\n", err, tail(string(out), 4000))
-			return 3
-		default:
+		if err := alive(); err != nil {
+			return err
 		}
 		if time.Now().After(deadline) {
-			fmt.Fprintf(os.Stderr, "synod-broker did not accept AMQP connections on %s within %v\n", addr, brokerStartTimeout)
-			return 3
+			return fmt.Errorf("no AMQP listener on %s within %v", addr, brokerStartTimeout)
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	brokerURL = "amqp://guest:guest@" + addr + "/"
-	return m.Run()
+}
+
+func (p *synodProcess) stop() {
+	if p.cmd == nil {
+		return
+	}
+	_ = p.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-p.exited:
+	case <-time.After(10 * time.Second):
+		_ = p.cmd.Process.Kill()
+		<-p.exited
+	}
+	p.cmd = nil
+}
+
+func (p *synodProcess) restart() error {
+	p.stop()
+	return p.start()
+}
+
+func (p *synodProcess) remove() {
+	p.stop()
+	os.RemoveAll(p.dir)
 }
 
 func tail(s string, n int) string {

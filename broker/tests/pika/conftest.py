@@ -4,6 +4,7 @@ broker (that is how the suite is checked against RabbitMQ); never sleeps to
 wait, always polls a condition against a deadline."""
 
 import os
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -14,7 +15,7 @@ from pathlib import Path
 import pika
 import pytest
 
-from helpers import WAIT_TIMEOUT_S
+from support import WAIT_TIMEOUT_S
 
 # How long the broker may take to accept AMQP connections after it starts.
 BROKER_START_TIMEOUT_S = 30.0
@@ -35,6 +36,77 @@ def _port_accepts(port):
         return False
 
 
+class BrokerStartError(Exception):
+    """synod-broker exited or did not listen in time; the message says which."""
+
+
+class SynodProcess:
+    """One synod-broker process on free loopback ports with its own data
+    directory; restart() stops it (SIGTERM) and starts it again on the same
+    ports and data."""
+
+    def __init__(self, binary):
+        self.binary = binary
+        self.dir = Path(tempfile.mkdtemp(prefix="synod-pika-"))
+        self.ports = [_free_port() for _ in range(4)]
+        self.log_path = self.dir / "broker.log"
+        self.proc = None
+
+    @property
+    def url(self):
+        return f"amqp://guest:guest@127.0.0.1:{self.ports[0]}/"
+
+    def start(self):
+        amqp, mgmt, metrics, cluster = self.ports
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [str(self.binary),
+             "--amqp-listen", f"127.0.0.1:{amqp}",
+             "--mgmt-listen", f"127.0.0.1:{mgmt}",
+             "--metrics-listen", f"127.0.0.1:{metrics}",
+             "--cluster-listen", f"127.0.0.1:{cluster}",
+             "--data-dir", str(self.dir / "data")],
+            stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + BROKER_START_TIMEOUT_S
+        while not _port_accepts(amqp):
+            if self.proc.poll() is not None:
+                raise BrokerStartError(
+                    f"synod-broker exited with {self.proc.returncode} before accepting "
+                    f"connections:\n{self.log_path.read_text(errors='replace')[-4000:]}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise BrokerStartError(f"synod-broker did not accept AMQP connections on port "
+                                       f"{amqp} within {BROKER_START_TIMEOUT_S}s")
+            time.sleep(0.05)
+
+    def stop(self):
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def restart(self):
+        self.stop()
+        self.start()
+
+    def remove(self):
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _broker_binary():
+    binary = Path(os.environ.get("SYNOD_BROKER_BIN", REPO_ROOT / "target/debug/synod-broker"))
+    if not binary.is_file():
+        pytest.exit(f"broker binary {binary} is missing: build it (cargo build -p synod-broker) "
+                    "or set SYNOD_BROKER_BIN", returncode=2)
+    return binary
+
+
 @pytest.fixture(scope="session")
 def amqp_url():
     """The URL of the broker under test: AMQP_URL, or a synod-broker we start."""
@@ -42,41 +114,49 @@ def amqp_url():
     if url:
         yield url
         return
-    binary = Path(os.environ.get("SYNOD_BROKER_BIN", REPO_ROOT / "target/debug/synod-broker"))
-    if not binary.is_file():
-        pytest.exit(f"broker binary {binary} is missing: build it (cargo build -p synod-broker) "
-                    "or set SYNOD_BROKER_BIN", returncode=2)
-    data_dir = tempfile.mkdtemp(prefix="synod-pika-")
-    amqp_port, mgmt_port, metrics_port, cluster_port = (_free_port() for _ in range(4))
-    log_path = Path(data_dir) / "broker.log"
-    log = open(log_path, "wb")
-    proc = subprocess.Popen(
-        [str(binary),
-         "--amqp-listen", f"127.0.0.1:{amqp_port}",
-         "--mgmt-listen", f"127.0.0.1:{mgmt_port}",
-         "--metrics-listen", f"127.0.0.1:{metrics_port}",
-         "--cluster-listen", f"127.0.0.1:{cluster_port}",
-         "--data-dir", str(Path(data_dir) / "data")],
-        stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + BROKER_START_TIMEOUT_S
-    while not _port_accepts(amqp_port):
-        if proc.poll() is not None:
-            log.close()
-            pytest.exit(f"synod-broker exited with {proc.returncode} before accepting "
-                        f"connections:\n{log_path.read_text(errors='replace')[-4000:]}", returncode=3)
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.exit(f"synod-broker did not accept AMQP connections on port {amqp_port} "
-                        f"within {BROKER_START_TIMEOUT_S}s", returncode=3)
-        time.sleep(0.05)
-    yield f"amqp://guest:guest@127.0.0.1:{amqp_port}/"
-    proc.terminate()
+    broker = SynodProcess(_broker_binary())
     try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    log.close()
+        broker.start()
+    except BrokerStartError as err:
+        broker.remove()
+        pytest.exit(str(err), returncode=3)
+    yield broker.url
+    broker.remove()
+
+
+class ExternalBroker:
+    """The AMQP_URL broker, restarted by the shell command AMQP_RESTART_CMD
+    (e.g. `scripts/rabbitmq-for-tests.sh restart`)."""
+
+    def __init__(self, url, restart_cmd):
+        self.url = url
+        self.restart_cmd = restart_cmd
+
+    def restart(self):
+        subprocess.run(self.restart_cmd, shell=True, check=True, cwd=REPO_ROOT,
+                       stdout=subprocess.DEVNULL)
+        port = pika.URLParameters(self.url).port
+        deadline = time.monotonic() + BROKER_START_TIMEOUT_S
+        while not _port_accepts(port):
+            if time.monotonic() > deadline:
+                raise BrokerStartError(f"broker not back on port {port} after restart")
+            time.sleep(0.05)
+
+
+@pytest.fixture
+def restartable_broker(amqp_url):
+    """A broker the test may restart: a dedicated synod-broker, or the
+    AMQP_URL broker when AMQP_RESTART_CMD says how to restart it."""
+    if os.environ.get("AMQP_URL"):
+        cmd = os.environ.get("AMQP_RESTART_CMD")
+        if not cmd:
+            pytest.skip("AMQP_URL is set without AMQP_RESTART_CMD: cannot restart that broker")
+        yield ExternalBroker(amqp_url, cmd)
+        return
+    broker = SynodProcess(_broker_binary())
+    broker.start()
+    yield broker
+    broker.remove()
 
 
 @pytest.fixture

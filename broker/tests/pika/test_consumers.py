@@ -5,7 +5,7 @@ multiple, requeue with the redelivered flag, and basic.recover."""
 import pika
 import pytest
 
-from helpers import WAIT_TIMEOUT_S, collect, get_one, message_count, wait_until
+from support import WAIT_TIMEOUT_S, collect, get_one, message_count, wait_until
 
 
 def _fill(ch, conn, q, n):
@@ -190,3 +190,48 @@ def test_messages_round_robin_between_consumers(connections, names):
                timeout=WAIT_TIMEOUT_S, what="10 deliveries")
     assert sorted(got["a"] + got["b"], key=int) == [str(i).encode() for i in range(10)]
     assert len(got["a"]) == 5 and len(got["b"]) == 5
+
+
+def test_qos_per_consumer_and_global(ch, conn, names):
+    # Goal: as RabbitMQ defines it, basic.qos with global=false limits each new consumer on its own, and global=true shares one limit across the channel's consumers.
+    q = names.queue()
+    ch.queue_declare(q)
+    _fill(ch, conn, q, 6)
+    got = {"a": [], "b": []}
+    ch.basic_qos(prefetch_count=1, global_qos=False)
+    ch.basic_consume(q, lambda c, m, p, b: got["a"].append(m))
+    ch.basic_consume(q, lambda c, m, p, b: got["b"].append(m))
+    wait_until(lambda: conn.process_data_events(0.02) or (got["a"] and got["b"]),
+               what="one delivery per consumer")
+    wait_until(lambda: message_count(conn, q) == 4, what="4 still ready")
+    assert (len(got["a"]), len(got["b"])) == (1, 1)
+
+    q2 = names.queue("global")
+    ch2 = conn.channel()
+    ch2.queue_declare(q2)
+    _fill(ch2, conn, q2, 6)
+    got2 = []
+    ch2.basic_qos(prefetch_count=1, global_qos=True)
+    ch2.basic_consume(q2, lambda c, m, p, b: got2.append(m))
+    ch2.basic_consume(q2, lambda c, m, p, b: got2.append(m))
+    wait_until(lambda: conn.process_data_events(0.02) or got2, what="first delivery")
+    wait_until(lambda: message_count(conn, q2) == 5, what="5 still ready")
+    conn.process_data_events(0.2)
+    assert len(got2) == 1, "the channel-wide limit of 1 was exceeded"
+    ch2.basic_ack(got2[0].delivery_tag)
+    wait_until(lambda: conn.process_data_events(0.02) or len(got2) == 2, what="second delivery")
+    assert message_count(conn, q2) == 4
+
+
+def test_requeued_message_returns_to_its_place(ch, conn, names):
+    # Goal: a message rejected with requeue goes back to its original position, ahead of messages published after it.
+    q = names.queue()
+    ch.queue_declare(q)
+    _fill(ch, conn, q, 4)
+    first, _, _ = get_one(ch, q, auto_ack=False)
+    second, _, _ = get_one(ch, q, auto_ack=False)
+    ch.basic_reject(second.delivery_tag, requeue=True)
+    method, _, body = get_one(ch, q, auto_ack=False)
+    assert (body, method.redelivered) == (b"1", True)
+    method, _, body = get_one(ch, q)
+    assert (body, method.redelivered) == (b"2", False)

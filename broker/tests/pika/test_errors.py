@@ -7,7 +7,7 @@ import socket
 import pika
 import pytest
 
-from helpers import WAIT_TIMEOUT_S, get_one
+from support import WAIT_TIMEOUT_S, get_one
 
 
 def _closed_with(exc_info, code):

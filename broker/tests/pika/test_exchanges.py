@@ -5,7 +5,7 @@ if-unused) with the reply codes RabbitMQ gives."""
 import pika
 import pytest
 
-from helpers import collect, exchange_exists, message_count, wait_until
+from support import collect, exchange_exists, message_count, wait_until
 
 
 def _publish_all(ch, exchange, messages):

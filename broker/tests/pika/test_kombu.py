@@ -3,7 +3,7 @@ round trip with its own declare, publish and consume path."""
 
 import kombu
 
-from helpers import WAIT_TIMEOUT_S
+from support import WAIT_TIMEOUT_S
 
 
 def test_kombu_publish_and_consume(amqp_url, names):

@@ -5,7 +5,7 @@ header, as RabbitMQ documents them."""
 import pika
 import pytest
 
-from helpers import collect, get_one, message_count, queue_exists, wait_until
+from support import collect, get_one, message_count, queue_exists, wait_until
 
 
 def test_server_named_queue_and_declare_ok_counts(ch, conn, names):

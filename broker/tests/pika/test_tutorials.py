@@ -7,7 +7,7 @@ import uuid
 
 import pika
 
-from helpers import WAIT_TIMEOUT_S, collect, get_one, message_count, wait_until
+from support import WAIT_TIMEOUT_S, collect, get_one, message_count, wait_until
 
 
 def test_hello_world(ch, names):

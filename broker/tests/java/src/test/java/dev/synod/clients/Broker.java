@@ -21,7 +21,7 @@ import java.util.function.BooleanSupplier;
 
 /**
  * The broker under test, started once per JVM: the one named by AMQP_URL, or a
- * synod-broker process on free loopback ports. Also the helpers the tests
+ * synod-broker process on free loopback ports. Also what the tests
  * share: unique names cleaned up afterwards and waits on conditions with
  * deadlines, never bare sleeps.
  */

@@ -1,4 +1,4 @@
-"""Helpers shared by the pika tests: waiting on broker-side conditions with
+"""Functions shared by the pika tests: waiting on broker-side conditions with
 deadlines (never a blind sleep) and small queries through passive declares."""
 
 import time
