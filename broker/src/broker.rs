@@ -455,6 +455,7 @@ impl Broker {
         }
         let used = self.memory_bytes.load(Ordering::Relaxed).max(0) as u64;
         let alarm = used > self.settings.memory_high_watermark_bytes;
+        self.metrics.memory_alarm.set(i64::from(alarm));
         self.alarm.send_if_modified(|current| {
             let changed = *current != alarm;
             *current = alarm;

@@ -76,6 +76,10 @@ pub struct Args {
     /// AMQP over TLS listen address (default when TLS is configured: `0.0.0.0:5671`).
     #[arg(long, env = "SYNOD_AMQPS_LISTEN")]
     pub amqps_listen: Option<String>,
+    /// Export per-queue metric series (`{vhost,queue}` labels) on `/metrics`
+    /// (default: true); turn off for clusters with very many queues.
+    #[arg(long, env = "SYNOD_METRICS_PER_QUEUE", action = clap::ArgAction::Set)]
+    pub metrics_per_queue: Option<bool>,
     /// TOML file with the same keys as the flags (`data-dir = "..."`).
     #[arg(long, env = "SYNOD_CONFIG")]
     pub config: Option<PathBuf>,
@@ -97,6 +101,7 @@ struct FileConfig {
     tls_key: Option<PathBuf>,
     tls_ca: Option<PathBuf>,
     amqps_listen: Option<String>,
+    metrics_per_queue: Option<bool>,
 }
 
 /// TLS files, all present or none.
@@ -133,6 +138,8 @@ pub struct Config {
     pub cluster_secret_file: Option<PathBuf>,
     /// TLS settings, when configured.
     pub tls: Option<TlsConfig>,
+    /// Whether `/metrics` includes the per-queue series.
+    pub metrics_per_queue: bool,
 }
 
 impl Config {
@@ -201,6 +208,10 @@ impl Config {
             peers,
             cluster_secret_file,
             tls,
+            metrics_per_queue: args
+                .metrics_per_queue
+                .or(file.metrics_per_queue)
+                .unwrap_or(true),
         })
     }
 }
@@ -303,6 +314,18 @@ mod tests {
         assert_eq!(config.data_dir, PathBuf::from("./synod-data"));
         assert!(config.peers.is_empty());
         assert!(config.tls.is_none());
+        assert!(config.metrics_per_queue);
+    }
+
+    #[test]
+    fn per_queue_metrics_can_be_switched_off() {
+        // Goal: `--metrics-per-queue false` turns the per-queue series off; junk is refused.
+        let off = config(&["--metrics-per-queue", "false"]).expect("valid");
+        assert!(!off.metrics_per_queue);
+        let on = config(&["--metrics-per-queue", "true"]).expect("valid");
+        assert!(on.metrics_per_queue);
+        let junk = Args::try_parse_from(["synod-broker", "--metrics-per-queue", "maybe"]);
+        assert!(junk.is_err());
     }
 
     #[test]

@@ -1,6 +1,9 @@
 //! The broker's one Prometheus registry. Every count the management API or
 //! `/metrics` shows comes from these counters; nothing keeps a second tally.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
@@ -11,6 +14,17 @@ use prometheus::{
 pub struct Metrics {
     /// The registry that `/metrics` encodes.
     pub registry: Registry,
+    /// The per-queue families (`{vhost,queue}` labels), kept apart so that
+    /// a scrape can leave them out when there are very many queues.
+    pub queue_registry: Registry,
+    /// Whether `encode` includes `queue_registry`.
+    per_queue: Arc<AtomicBool>,
+    /// 1 while a resource alarm is raised, by `resource` (`memory`, `disk`).
+    pub alarms: IntGaugeVec,
+    /// The `memory` series of `alarms`.
+    pub memory_alarm: IntGauge,
+    /// The `disk` series of `alarms` (no disk monitor yet: stays 0).
+    pub disk_alarm: IntGauge,
     /// Open AMQP connections.
     pub connections: IntGauge,
     /// Open AMQP channels.
@@ -92,6 +106,14 @@ impl Metrics {
                 .expect("unique metric name");
             g
         };
+        let queue_registry = Registry::new();
+        let queue_gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric name");
+            queue_registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric name");
+            g
+        };
         let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
             let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
                 .expect("valid metric name");
@@ -113,22 +135,34 @@ impl Metrics {
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        let alarms = gauge_vec(
+            "synod_alarms",
+            "1 while the resource alarm is raised",
+            &["resource"],
+        );
+        // Both series exist from the start, so alert rules see 0, not absence.
+        let memory_alarm = alarms.with_label_values(&["memory"]);
+        let disk_alarm = alarms.with_label_values(&["disk"]);
         Metrics {
+            per_queue: Arc::new(AtomicBool::new(true)),
+            alarms,
+            memory_alarm,
+            disk_alarm,
             connections: gauge("synod_connections", "Open AMQP connections"),
             channels: gauge("synod_channels", "Open AMQP channels"),
             consumers: gauge("synod_consumers", "Consumers on this node"),
             queues: gauge("synod_queues", "Queues on this node"),
-            queue_messages_ready: gauge_vec(
+            queue_messages_ready: queue_gauge_vec(
                 "synod_queue_messages_ready",
                 "Messages ready for delivery",
                 &queue_labels,
             ),
-            queue_messages_unacked: gauge_vec(
+            queue_messages_unacked: queue_gauge_vec(
                 "synod_queue_messages_unacked",
                 "Messages delivered and not yet acknowledged",
                 &queue_labels,
             ),
-            queue_consumers: gauge_vec(
+            queue_consumers: queue_gauge_vec(
                 "synod_queue_consumers",
                 "Consumers of a queue",
                 &queue_labels,
@@ -199,7 +233,19 @@ impl Metrics {
             ),
             build_info,
             registry,
+            queue_registry,
         }
+    }
+
+    /// Turns the per-queue series on or off in `encode` (they keep being
+    /// maintained either way; only the scrape leaves them out).
+    pub fn set_per_queue(&self, enabled: bool) {
+        self.per_queue.store(enabled, Ordering::Relaxed);
+    }
+
+    /// Whether `encode` includes the per-queue series.
+    pub fn per_queue(&self) -> bool {
+        self.per_queue.load(Ordering::Relaxed)
     }
 
     /// Encodes every family in the Prometheus text format.
@@ -207,9 +253,13 @@ impl Metrics {
         if let Some(rss) = resident_memory_bytes() {
             self.process_resident_memory_bytes.set(rss);
         }
+        let mut families = self.registry.gather();
+        if self.per_queue() {
+            families.extend(self.queue_registry.gather());
+        }
         let mut buffer = Vec::new();
         TextEncoder::new()
-            .encode(&self.registry.gather(), &mut buffer)
+            .encode(&families, &mut buffer)
             .expect("text encoding into a Vec cannot fail");
         String::from_utf8(buffer).expect("the text format is UTF-8")
     }
@@ -258,8 +308,26 @@ mod tests {
             "synod_paxos_commit_latency_seconds_bucket",
             "synod_store_fsync_seconds_bucket",
             "synod_process_resident_memory_bytes",
+            "synod_alarms{resource=\"memory\"} 0",
+            "synod_alarms{resource=\"disk\"} 0",
         ] {
             assert!(text.contains(family), "missing {family} in:\n{text}");
         }
+    }
+
+    #[test]
+    fn per_queue_series_can_be_left_out() {
+        // Goal: with per-queue series off, no {vhost,queue} series is encoded; totals stay.
+        let metrics = Metrics::new();
+        metrics
+            .queue_messages_ready
+            .with_label_values(&["/", "q"])
+            .set(3);
+        metrics.set_per_queue(false);
+        let text = metrics.encode();
+        assert!(!text.contains("synod_queue_messages_ready"), "{text}");
+        assert!(text.contains("synod_queues "), "{text}");
+        metrics.set_per_queue(true);
+        assert!(metrics.encode().contains("synod_queue_messages_ready"));
     }
 }

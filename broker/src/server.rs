@@ -1,4 +1,5 @@
-//! Listeners and lifecycle: binds the AMQP socket, accepts connections
+//! Listeners and lifecycle: binds the AMQP socket (and, with
+//! [`start_serving`], the management and metrics sockets), accepts connections
 //! (bounded by a semaphore), runs housekeeping, and drains on shutdown.
 //! Shutdown is a future passed in, so tests and `main` control it.
 
@@ -36,8 +37,13 @@ pub struct RunningBroker {
     pub amqp_addr: SocketAddr,
     /// The broker, for inspection and management calls.
     pub broker: Arc<Broker>,
+    /// The bound management API address, when started with [`start_serving`].
+    pub mgmt_addr: Option<SocketAddr>,
+    /// The bound `/metrics` address, when started with [`start_serving`].
+    pub metrics_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<()>,
+    http_tasks: Vec<JoinHandle<()>>,
 }
 
 impl RunningBroker {
@@ -46,7 +52,58 @@ impl RunningBroker {
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         let _ = self.task.await;
+        for task in self.http_tasks {
+            let _ = task.await;
+        }
     }
+}
+
+async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), Error> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Bind { addr, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| Error::Bind { addr, source })?;
+    Ok((listener, bound))
+}
+
+/// Starts a broker with its management API (`mgmt_listen`) and Prometheus
+/// `/metrics` (`metrics_listen`) listeners as well as AMQP.
+pub async fn start_serving(
+    config: Config,
+    settings: Option<Settings>,
+) -> Result<RunningBroker, Error> {
+    let mut running = start_with(config.clone(), settings).await?;
+    let listeners = async {
+        Ok::<_, Error>((
+            bind(config.mgmt_listen).await?,
+            bind(config.metrics_listen).await?,
+        ))
+    };
+    let ((mgmt, mgmt_addr), (metrics, metrics_addr)) = match listeners.await {
+        Ok(bound) => bound,
+        Err(err) => {
+            running.shutdown().await;
+            return Err(err);
+        }
+    };
+    let broker = running.broker.clone();
+    let stop = running.shutdown.subscribe();
+    running.http_tasks.push(tokio::spawn(crate::mgmt::serve(
+        mgmt,
+        crate::mgmt::router(broker.clone()),
+        stop.clone(),
+    )));
+    running.http_tasks.push(tokio::spawn(crate::mgmt::serve(
+        metrics,
+        crate::mgmt::metrics_router(broker),
+        stop,
+    )));
+    tracing::info!("management API on {mgmt_addr}, metrics on {metrics_addr}");
+    running.mgmt_addr = Some(mgmt_addr);
+    running.metrics_addr = Some(metrics_addr);
+    Ok(running)
 }
 
 /// Starts a broker with default settings for `config`.
@@ -62,6 +119,7 @@ pub async fn start_with(
 ) -> Result<RunningBroker, Error> {
     let settings = settings.unwrap_or_else(|| Settings::new(&config.node_name));
     let metrics = Metrics::new();
+    metrics.set_per_queue(config.metrics_per_queue);
     metrics
         .identity_info
         .with_label_values(&[config.node_name.as_str(), config.node_name.as_str()])
@@ -86,14 +144,17 @@ pub async fn start_with(
     Ok(RunningBroker {
         amqp_addr,
         broker,
+        mgmt_addr: None,
+        metrics_addr: None,
         shutdown,
         task,
+        http_tasks: Vec::new(),
     })
 }
 
 /// Runs a broker until `shutdown` completes, then drains connections.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
-    let running = start(config).await?;
+    let running = start_serving(config, None).await?;
     shutdown.await;
     tracing::info!("shutting down: closing connections");
     running.shutdown().await;

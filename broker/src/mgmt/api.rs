@@ -235,8 +235,9 @@ pub struct UserDeclare {
     /// Hash algorithm of `password_hash`, e.g. `rabbit_password_hashing_sha256`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hashing_algorithm: Option<String>,
-    /// Comma-separated tags (`administrator`, `monitoring`, ...).
-    #[serde(default)]
+    /// Comma-separated tags (`administrator`, `monitoring`, ...); a JSON
+    /// list of tags is accepted too, as RabbitMQ 3.9+ does.
+    #[serde(default, deserialize_with = "tags_as_string")]
     pub tags: String,
 }
 
@@ -245,8 +246,8 @@ pub struct UserDeclare {
 pub struct UserInfo {
     /// User name.
     pub name: String,
-    /// Tags.
-    #[serde(default)]
+    /// Tags (a comma-separated string, as older RabbitMQ versions send, is accepted).
+    #[serde(default, deserialize_with = "tags_as_list")]
     pub tags: Vec<String>,
     /// Base64 salted hash.
     #[serde(default)]
@@ -404,6 +405,259 @@ pub struct MemberAdd {
     pub address: String,
 }
 
+/// Tags as RabbitMQ writes them: a comma-separated string or a list.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum TagsWire {
+    Text(String),
+    List(Vec<String>),
+}
+
+impl TagsWire {
+    fn into_list(self) -> Vec<String> {
+        match self {
+            TagsWire::Text(text) => split_tags(&text),
+            TagsWire::List(list) => list.into_iter().filter(|t| !t.is_empty()).collect(),
+        }
+    }
+}
+
+/// Splits `"administrator, monitoring"` into tags, dropping empty ones.
+pub fn split_tags(text: &str) -> Vec<String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+fn tags_as_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    Ok(Option::<TagsWire>::deserialize(d)?
+        .map(TagsWire::into_list)
+        .unwrap_or_default())
+}
+
+fn tags_as_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    Ok(tags_as_list(d)?.join(","))
+}
+
+/// An element of `GET /api/nodes`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// Node name.
+    pub name: String,
+    /// Always `disc`: every node keeps metadata on disk.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Whether the node is running (always true for the answering node).
+    pub running: bool,
+    /// Resident memory of the broker process, in bytes.
+    #[serde(default)]
+    pub mem_used: u64,
+    /// Memory alarm threshold (ready message bytes), in bytes.
+    #[serde(default)]
+    pub mem_limit: u64,
+    /// Whether the memory alarm is raised.
+    #[serde(default)]
+    pub mem_alarm: bool,
+    /// Whether the disk alarm is raised.
+    #[serde(default)]
+    pub disk_free_alarm: bool,
+    /// Milliseconds since the node started.
+    #[serde(default)]
+    pub uptime: u64,
+}
+
+/// An element of `GET /api/connections`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectionInfo {
+    /// `client_ip:port -> server_ip:port`; the `{name}` of `DELETE /api/connections/{name}`.
+    pub name: String,
+    /// Node serving the connection.
+    pub node: String,
+    /// Authenticated user.
+    pub user: String,
+    /// Virtual host.
+    pub vhost: String,
+    /// Client address.
+    pub peer_host: String,
+    /// Client port.
+    pub peer_port: u16,
+    /// When the connection opened, milliseconds since the Unix epoch.
+    pub connected_at: u64,
+    /// Open channels.
+    pub channels: u64,
+    /// `running`.
+    pub state: String,
+    /// `AMQP 0-9-1`.
+    pub protocol: String,
+}
+
+/// The connection a channel belongs to, in [`ChannelInfo`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectionDetails {
+    /// Connection name.
+    pub name: String,
+    /// Client address.
+    pub peer_host: String,
+    /// Client port.
+    pub peer_port: u16,
+}
+
+/// An element of `GET /api/channels`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelInfo {
+    /// `connection name (number)`.
+    pub name: String,
+    /// Node serving the channel.
+    pub node: String,
+    /// Channel number.
+    pub number: u16,
+    /// User of the connection.
+    pub user: String,
+    /// Virtual host.
+    pub vhost: String,
+    /// Consumers on the channel.
+    pub consumer_count: u64,
+    /// Deliveries not yet acknowledged.
+    pub messages_unacknowledged: u64,
+    /// Per-consumer prefetch limit.
+    pub prefetch_count: u64,
+    /// Publisher confirms enabled.
+    pub confirm: bool,
+    /// Transactional mode.
+    pub transactional: bool,
+    /// `running`.
+    pub state: String,
+    /// The owning connection.
+    pub connection_details: ConnectionDetails,
+}
+
+/// `GET /api/health/checks/alarms` (200 `ok`, 503 `failed`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthCheck {
+    /// `ok` or `failed`.
+    pub status: String,
+    /// Why the check failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Raised alarms, e.g. `memory`, `disk`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub alarms: Vec<String>,
+}
+
+/// A user in a definitions document.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DefinitionsUser {
+    /// User name.
+    pub name: String,
+    /// Base64 salted hash (empty: no password login).
+    #[serde(default)]
+    pub password_hash: String,
+    /// Hash algorithm; absent means `rabbit_password_hashing_sha256`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hashing_algorithm: Option<String>,
+    /// Tags (a list, or a comma-separated string in older exports).
+    #[serde(default, deserialize_with = "tags_as_list")]
+    pub tags: Vec<String>,
+}
+
+/// A vhost in a definitions document.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DefinitionsVhost {
+    /// Vhost name.
+    pub name: String,
+}
+
+/// A queue in a definitions document (no runtime counts).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DefinitionsQueue {
+    /// Queue name.
+    pub name: String,
+    /// Virtual host.
+    pub vhost: String,
+    /// Survives a restart.
+    #[serde(default)]
+    pub durable: bool,
+    /// Deleted when its last consumer goes.
+    #[serde(default)]
+    pub auto_delete: bool,
+    /// Optional arguments.
+    #[serde(default)]
+    pub arguments: Arguments,
+}
+
+/// A binding in a definitions document.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DefinitionsBinding {
+    /// Source exchange.
+    pub source: String,
+    /// Virtual host.
+    pub vhost: String,
+    /// Destination queue or exchange.
+    pub destination: String,
+    /// Whether the destination is a queue or an exchange.
+    pub destination_type: DestinationType,
+    /// Routing key.
+    #[serde(default)]
+    pub routing_key: String,
+    /// Optional arguments.
+    #[serde(default)]
+    pub arguments: Arguments,
+}
+
+/// `GET|POST /api/definitions`: RabbitMQ's definitions export format.
+///
+/// Sections Synod does not implement (`policies`, `parameters`,
+/// `global_parameters`, `topic_permissions`, ...) are kept in `other` so
+/// that an import can say which ones it ignored.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Definitions {
+    /// Version of the exporting broker (RabbitMQ 3.x key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rabbit_version: Option<String>,
+    /// Version of the exporting broker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rabbitmq_version: Option<String>,
+    /// Product that exported the document.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub product_name: Option<String>,
+    /// Version of that product.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub product_version: Option<String>,
+    /// Users.
+    #[serde(default)]
+    pub users: Vec<DefinitionsUser>,
+    /// Virtual hosts.
+    #[serde(default)]
+    pub vhosts: Vec<DefinitionsVhost>,
+    /// Permissions.
+    #[serde(default)]
+    pub permissions: Vec<PermissionInfo>,
+    /// Exchanges.
+    #[serde(default)]
+    pub exchanges: Vec<ExchangeInfo>,
+    /// Queues.
+    #[serde(default)]
+    pub queues: Vec<DefinitionsQueue>,
+    /// Bindings.
+    #[serde(default)]
+    pub bindings: Vec<DefinitionsBinding>,
+    /// Every other top-level key, not imported.
+    #[serde(flatten)]
+    pub other: BTreeMap<String, serde_json::Value>,
+}
+
+/// The answer to `POST /api/definitions`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DefinitionsImported {
+    /// Objects created or confirmed, by section (`users`, `queues`, ...).
+    pub imported: BTreeMap<String, u64>,
+    /// Non-empty sections that were not imported, with a note why.
+    #[serde(default)]
+    pub ignored: Vec<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -456,6 +710,23 @@ mod tests {
         assert!(json.contains("\"role\":\"learner\""), "{json}");
         let back: ClusterStatus = serde_json::from_str(&json).expect("parses");
         assert_eq!(back, status);
+    }
+
+    #[test]
+    fn tags_are_accepted_as_string_or_list() {
+        // Goal: both tag encodings RabbitMQ has used decode to the same tags.
+        let a: UserDeclare =
+            serde_json::from_str(r#"{"password":"p","tags":["administrator","monitoring"]}"#)
+                .expect("list");
+        let b: UserDeclare =
+            serde_json::from_str(r#"{"password":"p","tags":"administrator, monitoring"}"#)
+                .expect("string");
+        assert_eq!(a.tags, "administrator,monitoring");
+        assert_eq!(b.tags, a.tags);
+        let user: DefinitionsUser =
+            serde_json::from_str(r#"{"name":"u","password_hash":"","tags":"management"}"#)
+                .expect("old export");
+        assert_eq!(user.tags, ["management"]);
     }
 
     #[test]

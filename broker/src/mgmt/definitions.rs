@@ -1,0 +1,295 @@
+//! `GET|POST /api/definitions`: export and import of RabbitMQ's definitions
+//! format (vhosts, users with password hashes, permissions, exchanges,
+//! queues, bindings). Sections Synod does not implement are ignored and
+//! named in the answer. Administrator only.
+//! Must not: apply anything except through `Broker::execute`.
+
+use std::collections::BTreeMap;
+
+use axum::extract::State;
+use axum::routing::get;
+use axum::{Json, Router};
+
+use crate::exchange::{Binding, Destination};
+use crate::meta::{Command, ExchangeDef, QueueDef};
+use crate::mgmt::access::{HASHING_ALGORITHM, check_password_hash};
+use crate::mgmt::api::{
+    Definitions, DefinitionsBinding, DefinitionsImported, DefinitionsQueue, DefinitionsUser,
+    DefinitionsVhost, DestinationType, ExchangeInfo, PermissionInfo,
+};
+use crate::mgmt::auth::Caller;
+use crate::mgmt::convert::{arguments_to_table, table_to_arguments};
+use crate::mgmt::topology::{exchange_kind, exchange_type};
+use crate::mgmt::{AppState, Error, JsonBody};
+
+pub(super) fn routes() -> Router<AppState> {
+    Router::new().route("/api/definitions", get(export).post(import))
+}
+
+async fn export(State(state): State<AppState>, caller: Caller) -> Result<Json<Definitions>, Error> {
+    caller.require_administrator()?;
+    let broker = &state.broker;
+    let users = broker
+        .list_users()
+        .into_iter()
+        .map(|u| DefinitionsUser {
+            name: u.name,
+            password_hash: u.password_hash,
+            hashing_algorithm: Some(HASHING_ALGORITHM.into()),
+            tags: u.tags,
+        })
+        .collect();
+    let vhosts = broker
+        .list_vhosts()
+        .into_iter()
+        .map(|name| DefinitionsVhost { name })
+        .collect();
+    let permissions = broker
+        .list_permissions()
+        .into_iter()
+        .map(|(vhost, user, p)| PermissionInfo {
+            user,
+            vhost,
+            configure: p.configure,
+            write: p.write,
+            read: p.read,
+        })
+        .collect();
+    // Like RabbitMQ: built-in exchanges and exclusive queues are not exported.
+    let exchanges = broker
+        .list_exchanges()
+        .into_iter()
+        .filter(|(_, e)| !e.name.is_empty() && !e.name.starts_with("amq."))
+        .map(|(vhost, def)| ExchangeInfo {
+            arguments: table_to_arguments(&def.arguments),
+            name: def.name,
+            vhost,
+            kind: exchange_type(def.kind),
+            durable: def.durable,
+            auto_delete: def.auto_delete,
+            internal: def.internal,
+        })
+        .collect();
+    let queues = broker
+        .list_queues()
+        .into_iter()
+        .filter(|q| q.def.exclusive_owner.is_none())
+        .map(|q| DefinitionsQueue {
+            arguments: table_to_arguments(&q.def.arguments),
+            name: q.def.name,
+            vhost: q.vhost,
+            durable: q.def.durable,
+            auto_delete: q.def.auto_delete,
+        })
+        .collect();
+    let mut bindings = Vec::new();
+    for vhost in broker.list_vhosts() {
+        for (source, binding) in broker.list_bindings(&vhost) {
+            let (destination, destination_type) = match binding.destination {
+                Destination::Queue(name) => (name, DestinationType::Queue),
+                Destination::Exchange(name) => (name, DestinationType::Exchange),
+            };
+            bindings.push(DefinitionsBinding {
+                source,
+                vhost: vhost.clone(),
+                destination,
+                destination_type,
+                routing_key: binding.routing_key,
+                arguments: table_to_arguments(&binding.arguments),
+            });
+        }
+    }
+    Ok(Json(Definitions {
+        rabbit_version: None,
+        rabbitmq_version: None,
+        product_name: Some("Synod".into()),
+        product_version: Some(env!("CARGO_PKG_VERSION").into()),
+        users,
+        vhosts,
+        permissions,
+        exchanges,
+        queues,
+        bindings,
+        other: BTreeMap::new(),
+    }))
+}
+
+/// Names the definitions entry an error came from, so the client can find it.
+fn at(section: &str, index: usize, what: String) -> impl FnOnce(Error) -> Error {
+    let section = section.to_string();
+    move |err| Error::BadRequest(format!("{section}[{index}] ({what}): {err}"))
+}
+
+async fn import(
+    State(state): State<AppState>,
+    caller: Caller,
+    JsonBody(definitions): JsonBody<Definitions>,
+) -> Result<Json<DefinitionsImported>, Error> {
+    caller.require_administrator()?;
+    let broker = &state.broker;
+    let Definitions {
+        users,
+        vhosts,
+        permissions,
+        exchanges,
+        queues,
+        bindings,
+        other,
+        ..
+    } = definitions;
+    // Check what can be checked up front, so that a bad hash or argument
+    // deep in the file does not leave half an import behind.
+    for (i, user) in users.iter().enumerate() {
+        check_password_hash(&user.password_hash, user.hashing_algorithm.as_deref()).map_err(at(
+            "users",
+            i,
+            format!("user '{}'", user.name),
+        ))?;
+    }
+    let mut exchange_commands = Vec::new();
+    for (i, e) in exchanges.iter().enumerate() {
+        let what = format!("exchange '{}' in vhost '{}'", e.name, e.vhost);
+        exchange_commands.push((
+            what.clone(),
+            Command::DeclareExchange {
+                vhost: e.vhost.clone(),
+                exchange: ExchangeDef {
+                    name: e.name.clone(),
+                    kind: exchange_kind(e.kind),
+                    durable: e.durable,
+                    auto_delete: e.auto_delete,
+                    internal: e.internal,
+                    arguments: arguments_to_table(&e.arguments).map_err(at(
+                        "exchanges",
+                        i,
+                        what,
+                    ))?,
+                },
+            },
+        ));
+    }
+    let mut queue_commands = Vec::new();
+    for (i, q) in queues.iter().enumerate() {
+        let what = format!("queue '{}' in vhost '{}'", q.name, q.vhost);
+        queue_commands.push((
+            what.clone(),
+            Command::DeclareQueue {
+                vhost: q.vhost.clone(),
+                queue: QueueDef {
+                    name: q.name.clone(),
+                    durable: q.durable,
+                    exclusive_owner: None,
+                    auto_delete: q.auto_delete,
+                    arguments: arguments_to_table(&q.arguments).map_err(at("queues", i, what))?,
+                    home_node: broker.settings.node_name.clone(),
+                },
+            },
+        ));
+    }
+    let mut binding_commands = Vec::new();
+    for (i, b) in bindings.iter().enumerate() {
+        let what = format!(
+            "binding from '{}' to '{}' in vhost '{}'",
+            b.source, b.destination, b.vhost
+        );
+        let destination = match b.destination_type {
+            DestinationType::Queue => Destination::Queue(b.destination.clone()),
+            DestinationType::Exchange => Destination::Exchange(b.destination.clone()),
+        };
+        binding_commands.push((
+            what.clone(),
+            Command::Bind {
+                vhost: b.vhost.clone(),
+                source: b.source.clone(),
+                binding: Binding {
+                    destination,
+                    routing_key: b.routing_key.clone(),
+                    arguments: arguments_to_table(&b.arguments).map_err(at("bindings", i, what))?,
+                },
+            },
+        ));
+    }
+
+    // RabbitMQ's order: users, vhosts, permissions, then the topology.
+    let mut sections: Vec<(&str, Vec<(String, Command)>)> = Vec::new();
+    sections.push((
+        "users",
+        users
+            .into_iter()
+            .map(|u| {
+                (
+                    format!("user '{}'", u.name),
+                    Command::PutUser {
+                        name: u.name,
+                        password_hash: u.password_hash,
+                        tags: u.tags,
+                    },
+                )
+            })
+            .collect(),
+    ));
+    sections.push((
+        "vhosts",
+        vhosts
+            .into_iter()
+            .map(|v| {
+                (
+                    format!("vhost '{}'", v.name),
+                    Command::AddVhost { name: v.name },
+                )
+            })
+            .collect(),
+    ));
+    sections.push((
+        "permissions",
+        permissions
+            .into_iter()
+            .map(|p| {
+                (
+                    format!("permissions of '{}' in vhost '{}'", p.user, p.vhost),
+                    Command::SetPermissions {
+                        vhost: p.vhost,
+                        user: p.user,
+                        configure: p.configure,
+                        write: p.write,
+                        read: p.read,
+                    },
+                )
+            })
+            .collect(),
+    ));
+    sections.push(("exchanges", exchange_commands));
+    sections.push(("queues", queue_commands));
+    sections.push(("bindings", binding_commands));
+
+    let mut imported = BTreeMap::new();
+    for (section, commands) in sections {
+        let n_commands = commands.len() as u64;
+        for (i, (what, command)) in commands.into_iter().enumerate() {
+            broker
+                .execute(command)
+                .map_err(|err| at(section, i, what)(err.into()))?;
+        }
+        imported.insert(section.to_string(), n_commands);
+    }
+    let ignored: Vec<String> = other
+        .iter()
+        .filter(|(_, value)| !is_empty_section(value))
+        .map(|(key, _)| format!("{key}: not supported by Synod, ignored"))
+        .collect();
+    for note in &ignored {
+        tracing::info!("definitions import: {note}");
+    }
+    Ok(Json(DefinitionsImported { imported, ignored }))
+}
+
+/// Whether an unknown top-level value carries nothing (an empty list or
+/// object, or null), so that ignoring it is not worth a note.
+fn is_empty_section(value: &serde_json::Value) -> bool {
+    match value {
+        serde_json::Value::Null => true,
+        serde_json::Value::Array(items) => items.is_empty(),
+        serde_json::Value::Object(map) => map.is_empty(),
+        _ => false,
+    }
+}
