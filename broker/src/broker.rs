@@ -311,6 +311,21 @@ impl Broker {
         )
     }
 
+    /// Whether an exchange is internal; `None` when it does not exist.
+    /// (The publish path uses this rather than cloning the definition.)
+    pub fn exchange_is_internal(&self, vhost: &str, name: &str) -> Option<bool> {
+        Some(
+            self.read()
+                .meta
+                .vhosts
+                .get(vhost)?
+                .exchanges
+                .get(name)?
+                .def
+                .internal,
+        )
+    }
+
     /// Whether a vhost exists.
     pub fn has_vhost(&self, vhost: &str) -> bool {
         self.read().meta.vhosts.contains_key(vhost)

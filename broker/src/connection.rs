@@ -32,7 +32,7 @@ use crate::limits;
 use crate::message::Message;
 use crate::meta::{Command, ExchangeDef, MetaError, QueueDef};
 use crate::protocol::{self, AmqpError, Encoder, Frame, reply};
-use crate::queue::{Consumer, Credit, Delivery, Queue};
+use crate::queue::{Backlog, Consumer, Credit, Delivery, Queue};
 
 /// What other tasks send to a connection.
 #[derive(Debug)]
@@ -86,10 +86,12 @@ pub async fn serve(
         socket,
         peer,
         name,
-        read_buf: BytesMut::with_capacity(64 * 1024),
+        read_buf: BytesMut::with_capacity(limits::READ_BUFFER_SIZE),
         write_buf: BytesMut::with_capacity(64 * 1024),
         encoder: Encoder::default(),
-        frame_max: limits::FRAME_SIZE_MIN,
+        // Until tune-ok, accept up to our maximum: some clients send large
+        // client properties in start-ok.
+        frame_max: limits::FRAME_SIZE_MAX,
         channel_max: limits::CHANNELS_PER_CONNECTION_MAX,
         heartbeat_s: 0,
         vhost: String::new(),
@@ -97,6 +99,7 @@ pub async fn serve(
         permissions: None,
         channels: HashMap::new(),
         sender,
+        backlog: Arc::new(Backlog::default()),
         exclusive_queues: Vec::new(),
         client_blocked_capable: false,
         has_published: false,
@@ -141,6 +144,7 @@ struct Connection {
     permissions: Option<Arc<CompiledPermissions>>,
     channels: HashMap<u16, Channel>,
     sender: mpsc::UnboundedSender<Outbound>,
+    backlog: Arc<Backlog>,
     exclusive_queues: Vec<String>,
     client_blocked_capable: bool,
     has_published: bool,
@@ -422,6 +426,11 @@ impl Connection {
         self.flush().await?;
         loop {
             let read_paused = self.blocked && self.has_published && !self.closing;
+            // Frozen body slices keep old blocks alive; read into fresh
+            // room rather than letting the buffer shrink to tiny reads.
+            if self.read_buf.capacity() - self.read_buf.len() < limits::READ_BUFFER_SIZE_MIN {
+                self.read_buf.reserve(limits::READ_BUFFER_SIZE);
+            }
             tokio::select! {
                 read = self.socket.read_buf(&mut self.read_buf), if !read_paused => {
                     if read? == 0 {
@@ -462,11 +471,22 @@ impl Connection {
                     if changed.is_ok() {
                         let on = *alarm.borrow_and_update();
                         self.set_blocked(on);
+                        // Frames read before the block are still buffered.
+                        if !on && let Flow::Stop = self.process_input() {
+                            self.flush().await?;
+                            return Ok(());
+                        }
                     }
                 }
                 changed = shutdown.changed(), if !self.closing => {
                     let _ = changed;
                     self.begin_close(reply::CONNECTION_FORCED, "CONNECTION_FORCED - broker shutdown", 0, 0);
+                }
+            }
+            if self.backlog.throttled.swap(false, Ordering::SeqCst) {
+                let ids: Vec<u16> = self.channels.keys().copied().collect();
+                for id in ids {
+                    self.redispatch(id);
                 }
             }
             if self.closing && closing_deadline.is_none() {
@@ -838,7 +858,10 @@ impl Connection {
 
     fn handle_outbound(&mut self, outbound: Outbound) {
         match outbound {
-            Outbound::Deliver(delivery) => self.deliver(delivery),
+            Outbound::Deliver(delivery) => {
+                self.backlog.pending.fetch_sub(1, Ordering::SeqCst);
+                self.deliver(delivery)
+            }
             Outbound::ConsumerCancelled {
                 channel_id,
                 consumer_tag,
@@ -1144,8 +1167,8 @@ impl Connection {
                 }
                 let exchange = publish.exchange.as_str();
                 self.check(Access::Write, "exchange", exchange)?;
-                if let Some(def) = self.broker.exchange(&self.vhost, exchange) {
-                    if def.internal {
+                if let Some(internal) = self.broker.exchange_is_internal(&self.vhost, exchange) {
+                    if internal {
                         return Err(AmqpError::new(
                             reply::ACCESS_REFUSED,
                             format!(
@@ -1162,8 +1185,8 @@ impl Connection {
                 }
                 let channel = self.channel_mut(channel_id)?;
                 channel.pending = Some(PendingContent {
-                    exchange: exchange.to_string(),
-                    routing_key: publish.routing_key.as_str().to_string(),
+                    exchange: String::from(publish.exchange),
+                    routing_key: String::from(publish.routing_key),
                     mandatory: publish.mandatory,
                     header: None,
                     body: BodyParts::Empty,
@@ -1478,6 +1501,7 @@ impl Connection {
         let queue = self.lookup_queue(queue_name)?;
         let connection_id = self.id;
         let sender = self.sender.clone();
+        let backlog = self.backlog.clone();
         let channel = self.channel_mut(channel_id)?;
         let tag: Arc<str> = if consume.consumer_tag.as_str().is_empty() {
             Arc::from(Broker::generate_name("amq.ctag-"))
@@ -1500,6 +1524,7 @@ impl Connection {
             credit: credit.clone(),
             channel_credit: channel.credit.clone(),
             sender,
+            backlog,
         };
         channel.consumers.insert(
             tag.clone(),
@@ -1509,12 +1534,20 @@ impl Connection {
                 credit,
             },
         );
+        // Deliveries the queue makes now pass through the mailbox, which is
+        // read only after this frame is handled: consume-ok goes out first.
+        let mut dead = Vec::new();
+        let added = queue.add_consumer(consumer, Instant::now(), &mut dead);
+        self.broker.dead_letter(dead);
+        let channel = self.channel_mut(channel_id)?;
+        if let Err(err) = added {
+            channel.consumers.remove(&tag);
+            return Err(err);
+        }
         channel
             .info
             .consumers
             .store(channel.consumers.len() as u32, Ordering::Relaxed);
-        // consume-ok goes out before any delivery: deliveries pass through
-        // the mailbox, which is read only after this frame is handled.
         if !consume.nowait {
             self.send_method(
                 channel_id,
@@ -1522,15 +1555,6 @@ impl Connection {
                     consumer_tag: tag.as_ref().into(),
                 })),
             );
-        }
-        let mut dead = Vec::new();
-        let added = queue.add_consumer(consumer, Instant::now(), &mut dead);
-        self.broker.dead_letter(dead);
-        if let Err(err) = added {
-            if let Some(channel) = self.channels.get_mut(&channel_id) {
-                channel.consumers.remove(&tag);
-            }
-            return Err(err);
         }
         Ok(())
     }

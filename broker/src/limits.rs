@@ -25,3 +25,9 @@ pub const CONNECTIONS_MAX: usize = 10_000;
 pub const MEMORY_HIGH_WATERMARK_BYTES: u64 = 1024 * 1024 * 1024;
 /// Period of the broker's housekeeping (message TTL, `x-expires`, memory alarm), in milliseconds.
 pub const HOUSEKEEPING_INTERVAL_MS: u64 = 25;
+/// Size of each connection's read buffer block, in bytes.
+pub const READ_BUFFER_SIZE: usize = 64 * 1024;
+/// Free room below which a new read buffer block is reserved, in bytes.
+pub const READ_BUFFER_SIZE_MIN: usize = 8 * 1024;
+/// Deliveries queued for one connection but not yet written to its socket.
+pub const DELIVERY_BACKLOG_MAX: usize = 2_048;

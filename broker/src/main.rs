@@ -8,6 +8,7 @@ use synod_broker::config::{Args, Config};
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SYNOD_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),

@@ -10,7 +10,7 @@ pub mod args;
 pub mod dead_letter;
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -18,6 +18,7 @@ use prometheus::IntGauge;
 use tokio::sync::mpsc;
 
 use crate::connection::Outbound;
+use crate::limits;
 use crate::message::Message;
 use crate::meta::QueueDef;
 use crate::metrics::Metrics;
@@ -62,6 +63,30 @@ impl Credit {
     }
 }
 
+/// Deliveries a queue has put in a connection's mailbox that the
+/// connection has not yet written: bounds memory when a client reads
+/// slowly (no-ack consumers have no prefetch to stop them).
+#[derive(Debug, Default)]
+pub struct Backlog {
+    /// Deliveries in the mailbox.
+    pub pending: AtomicUsize,
+    /// A queue held back a delivery because of the backlog; the
+    /// connection re-dispatches its queues once it has drained.
+    pub throttled: AtomicBool,
+}
+
+impl Backlog {
+    fn has_room(&self) -> bool {
+        if self.pending.load(Ordering::SeqCst) < limits::DELIVERY_BACKLOG_MAX {
+            return true;
+        }
+        // Flag, then look again: the connection clears the flag after
+        // draining, so either it sees the flag or we see the room.
+        self.throttled.store(true, Ordering::SeqCst);
+        self.pending.load(Ordering::SeqCst) < limits::DELIVERY_BACKLOG_MAX
+    }
+}
+
 /// A message in a queue.
 #[derive(Debug, Clone)]
 pub struct Entry {
@@ -94,6 +119,8 @@ pub struct Consumer {
     pub channel_credit: Arc<Credit>,
     /// The connection's outbound mailbox.
     pub sender: mpsc::UnboundedSender<Outbound>,
+    /// The connection's mailbox backlog.
+    pub backlog: Arc<Backlog>,
 }
 
 /// A delivery the queue hands to a connection.
@@ -161,6 +188,9 @@ pub struct Queue {
     gauge_consumers: IntGauge,
     metrics: Metrics,
     memory_bytes: Arc<AtomicI64>,
+    /// Housekeeping has work here: TTLs, `x-expires`, or a message that
+    /// carried an `expiration`. Other queues are skipped by [`Queue::tick`].
+    timed: AtomicBool,
 }
 
 impl Queue {
@@ -174,6 +204,7 @@ impl Queue {
         memory_bytes: Arc<AtomicI64>,
     ) -> Arc<Queue> {
         let labels = [vhost, def.name.as_str()];
+        let timed = args.message_ttl_ms.is_some() || args.expires_ms.is_some();
         metrics.queues.inc();
         Arc::new(Queue {
             vhost: vhost.to_string(),
@@ -193,6 +224,7 @@ impl Queue {
                 deleted: false,
                 had_consumer: false,
             }),
+            timed: AtomicBool::new(timed),
             metrics,
             memory_bytes,
         })
@@ -262,6 +294,9 @@ impl Queue {
                     return Enqueued::Rejected;
                 }
             }
+        }
+        if message.expiration_ms().is_some() {
+            self.timed.store(true, Ordering::Relaxed);
         }
         let ttl_ms = match (self.args.message_ttl_ms, message.expiration_ms()) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -357,7 +392,8 @@ impl Queue {
             let n = state.consumers.len();
             let Some(index) = (0..n).map(|i| (state.next_consumer + i) % n).find(|&i| {
                 let c = &state.consumers[i];
-                c.no_ack || (c.credit.has_room() && c.channel_credit.has_room())
+                (c.no_ack || (c.credit.has_room() && c.channel_credit.has_room()))
+                    && c.backlog.has_room()
             }) else {
                 break;
             };
@@ -382,6 +418,7 @@ impl Queue {
                 entry,
                 no_ack: consumer.no_ack,
             };
+            consumer.backlog.pending.fetch_add(1, Ordering::SeqCst);
             match consumer.sender.send(Outbound::Deliver(delivery)) {
                 Ok(()) => {
                     self.metrics.messages_delivered_total.inc();
@@ -582,6 +619,9 @@ impl Queue {
     /// Periodic work: expires messages at the head; returns true when
     /// `x-expires` says the unused queue should now be deleted.
     pub fn tick(self: &Arc<Self>, now: Instant, dead: &mut Vec<DeadLetter>) -> bool {
+        if !self.timed.load(Ordering::Relaxed) {
+            return false;
+        }
         let mut state = self.lock();
         if state.deleted {
             return false;
@@ -597,5 +637,162 @@ impl Queue {
     /// Records use for `x-expires` (declare, get, consume).
     pub fn touch(&self, now: Instant) {
         self.lock().last_used = now;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use amq_protocol::types::FieldTable;
+    use bytes::Bytes;
+
+    fn queue(args: QueueArgs) -> Arc<Queue> {
+        let def = QueueDef {
+            name: "q".into(),
+            durable: false,
+            exclusive_owner: None,
+            auto_delete: false,
+            arguments: FieldTable::default(),
+            home_node: "n".into(),
+        };
+        Queue::new("/", def, args, Metrics::new(), Arc::new(AtomicI64::new(0)))
+    }
+
+    fn message(body: &'static str) -> Arc<Message> {
+        Arc::new(Message {
+            exchange: String::new(),
+            routing_key: "q".into(),
+            properties: Default::default(),
+            properties_raw: Bytes::from_static(&[0, 0]),
+            body: Bytes::from_static(body.as_bytes()),
+        })
+    }
+
+    fn consumer(
+        prefetch: u32,
+        no_ack: bool,
+    ) -> (Consumer, mpsc::UnboundedReceiver<Outbound>, Arc<Backlog>) {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let backlog = Arc::new(Backlog::default());
+        let consumer = Consumer {
+            tag: Arc::from("c"),
+            connection_id: 1,
+            channel_id: 1,
+            no_ack,
+            exclusive: false,
+            credit: Credit::new(prefetch),
+            channel_credit: Credit::new(0),
+            sender,
+            backlog: backlog.clone(),
+        };
+        (consumer, receiver, backlog)
+    }
+
+    fn bodies(receiver: &mut mpsc::UnboundedReceiver<Outbound>) -> Vec<(String, bool)> {
+        let mut out = Vec::new();
+        while let Ok(Outbound::Deliver(d)) = receiver.try_recv() {
+            out.push((
+                String::from_utf8_lossy(&d.entry.message.body).into_owned(),
+                d.entry.redelivered,
+            ));
+        }
+        out
+    }
+
+    #[test]
+    fn prefetch_bounds_deliveries_and_requeue_keeps_order() {
+        // Goal: prefetch 2 delivers two; requeued messages return first, flagged redelivered.
+        let q = queue(QueueArgs::default());
+        let now = Instant::now();
+        let mut dead = Vec::new();
+        for body in ["a", "b", "c"] {
+            q.publish(message(body), now, &mut dead);
+        }
+        let (c, mut rx, _) = consumer(2, false);
+        let credit = c.credit.clone();
+        q.add_consumer(c, now, &mut dead).expect("consumer");
+        let first: Vec<Entry> = std::iter::from_fn(|| match rx.try_recv() {
+            Ok(Outbound::Deliver(d)) => Some(d.entry),
+            _ => None,
+        })
+        .collect();
+        assert_eq!(first.len(), 2);
+        assert_eq!(q.counts().ready, 1);
+        assert_eq!(q.counts().unacked, 2);
+        credit.release(2);
+        q.requeue(first, now, &mut dead);
+        assert_eq!(
+            bodies(&mut rx),
+            [("a".to_string(), true), ("b".to_string(), true)]
+        );
+        assert!(dead.is_empty());
+    }
+
+    #[test]
+    fn no_ack_consumers_are_bounded_by_the_connection_backlog() {
+        // Goal: a connection that does not drain its mailbox holds at most DELIVERY_BACKLOG_MAX.
+        let q = queue(QueueArgs::default());
+        let now = Instant::now();
+        let mut dead = Vec::new();
+        let (c, mut rx, backlog) = consumer(0, true);
+        q.add_consumer(c, now, &mut dead).expect("consumer");
+        let total = limits::DELIVERY_BACKLOG_MAX + 100;
+        for _ in 0..total {
+            q.publish(message("m"), now, &mut dead);
+        }
+        assert_eq!(q.counts().ready, 100);
+        assert!(backlog.throttled.load(Ordering::SeqCst));
+        // The connection drains, then asks the queue to continue.
+        let drained = bodies(&mut rx).len();
+        backlog.pending.fetch_sub(drained, Ordering::SeqCst);
+        q.dispatch(now, &mut dead);
+        assert_eq!(q.counts().ready, 0);
+        assert_eq!(bodies(&mut rx).len(), 100);
+    }
+
+    #[test]
+    fn length_limits_drop_head_or_reject_publish() {
+        // Goal: drop-head dead-letters the oldest; reject-publish refuses the newest.
+        let dlx = QueueArgs {
+            length_max: Some(2),
+            dead_letter_exchange: Some("dlx".into()),
+            ..QueueArgs::default()
+        };
+        let q = queue(dlx);
+        let now = Instant::now();
+        let mut dead = Vec::new();
+        for body in ["1", "2", "3"] {
+            assert_eq!(q.publish(message(body), now, &mut dead), Enqueued::Accepted);
+        }
+        assert_eq!(dead.len(), 1);
+        assert_eq!(&dead[0].message.body[..], b"1");
+        assert_eq!(dead[0].reason, dead_letter::Reason::MaxLen);
+        let q = queue(QueueArgs {
+            length_max: Some(1),
+            overflow: Overflow::RejectPublish,
+            ..QueueArgs::default()
+        });
+        assert_eq!(q.publish(message("a"), now, &mut dead), Enqueued::Accepted);
+        assert_eq!(q.publish(message("b"), now, &mut dead), Enqueued::Rejected);
+        assert_eq!(q.counts().ready, 1);
+    }
+
+    #[test]
+    fn ttl_expires_at_the_head_during_housekeeping() {
+        // Goal: x-message-ttl expires messages (dead-lettered as "expired") on tick.
+        let q = queue(QueueArgs {
+            message_ttl_ms: Some(10),
+            dead_letter_exchange: Some("dlx".into()),
+            ..QueueArgs::default()
+        });
+        let now = Instant::now();
+        let mut dead = Vec::new();
+        q.publish(message("old"), now, &mut dead);
+        assert!(!q.tick(now, &mut dead));
+        assert!(dead.is_empty());
+        q.tick(now + Duration::from_millis(11), &mut dead);
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].reason, dead_letter::Reason::Expired);
+        assert_eq!(q.counts().ready, 0);
     }
 }
