@@ -263,6 +263,12 @@ enum TicketState {
     Ready(Option<Result<(), Error>>),
 }
 
+impl std::fmt::Debug for Ticket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ticket").finish_non_exhaustive()
+    }
+}
+
 impl Ticket {
     fn ready(result: Result<(), Error>) -> Ticket {
         Ticket {
@@ -270,11 +276,18 @@ impl Ticket {
         }
     }
 
+    /// A ticket that is already resolved (a record refused before submission).
+    pub fn resolved(result: Result<(), Error>) -> Ticket {
+        Ticket::ready(result)
+    }
+
     /// Blocks the calling thread until the record is durable or failed.
     /// Must not be called from inside an async runtime.
     pub fn wait(self) -> Result<(), Error> {
         match self.state {
-            TicketState::Waiting(receiver) => receiver.blocking_recv().unwrap_or(Err(Error::Closed)),
+            TicketState::Waiting(receiver) => {
+                receiver.blocking_recv().unwrap_or(Err(Error::Closed))
+            }
             TicketState::Ready(result) => result.unwrap_or(Err(Error::Closed)),
         }
     }
@@ -424,7 +437,9 @@ impl Shared {
     }
 
     fn pending(&self) -> MutexGuard<'_, Pending> {
-        self.pending.lock().expect("the pending lock is never poisoned")
+        self.pending
+            .lock()
+            .expect("the pending lock is never poisoned")
     }
 
     pub(crate) fn update_bytes_gauge(&self, index: &Index) {
@@ -440,6 +455,14 @@ impl Shared {
 pub struct Store {
     shared: Arc<Shared>,
     writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("dir", &self.shared.dir)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Store {
