@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Instant, SystemTime};
 
 use amq_protocol::types::FieldTable;
@@ -193,6 +193,8 @@ pub struct Broker {
     next_connection_id: AtomicU64,
     memory_bytes: Arc<AtomicI64>,
     alarm: watch::Sender<bool>,
+    /// The durable store, once opened (absent: nothing survives a restart).
+    durable: OnceLock<Arc<crate::durable::Durable>>,
 }
 
 /// Bound on dead-letter hops processed for one operation.
@@ -211,6 +213,7 @@ impl Broker {
             next_connection_id: AtomicU64::new(1),
             memory_bytes: Arc::new(AtomicI64::new(0)),
             alarm,
+            durable: OnceLock::new(),
         };
         let bootstrap = [
             Command::AddVhost { name: "/".into() },
@@ -235,6 +238,16 @@ impl Broker {
         Arc::new(broker)
     }
 
+    /// Makes topology changes and persistent messages durable from now on.
+    pub fn attach_durable(&self, durable: Arc<crate::durable::Durable>) {
+        let _ = self.durable.set(durable);
+    }
+
+    /// The durable store, when the broker has one.
+    pub fn durable(&self) -> Option<&Arc<crate::durable::Durable>> {
+        self.durable.get()
+    }
+
     fn read(&self) -> RwLockReadGuard<'_, State> {
         self.state.read().unwrap_or_else(|p| p.into_inner())
     }
@@ -256,7 +269,11 @@ impl Broker {
             _ => None,
         };
         let mut state = self.write();
+        let durable = self
+            .durable()
+            .filter(|d| d.before_command(&state.meta, &command));
         let outcome = state.meta.apply(command)?;
+        let snapshot = durable.map(|d| d.snapshot(&state.meta));
         if let (Some(args), Some((vhost, def))) = (new_queue, vhost_of_declare)
             && outcome.created
         {
@@ -267,6 +284,9 @@ impl Broker {
                 self.metrics.clone(),
                 self.memory_bytes.clone(),
             );
+            if let Some(durable) = self.durable() {
+                durable.attach(&queue);
+            }
             state
                 .queues
                 .entry(vhost)
@@ -280,6 +300,9 @@ impl Broker {
             }
         }
         drop(state);
+        if let (Some(durable), Some(snapshot)) = (durable, snapshot) {
+            durable.write_snapshot(snapshot);
+        }
         for queue in removed {
             let (consumers, _) = queue.mark_deleted();
             for consumer in consumers {
@@ -334,16 +357,18 @@ impl Broker {
     /// Routes and enqueues a message. Errors are channel-level (404 no
     /// exchange). `n_queues == 0` means unroutable.
     pub fn publish(&self, vhost: &str, message: Arc<Message>) -> Result<Published, AmqpError> {
-        self.publish_with(vhost, message, &mut Vec::new())
+        self.publish_with(vhost, message, &mut Vec::new(), &mut Vec::new())
     }
 
-    /// [`Broker::publish`] with a caller-owned scratch list, so the hot
-    /// path allocates nothing per message for routing.
+    /// [`Broker::publish`] with caller-owned scratch lists, so the hot path
+    /// allocates nothing per message for routing; pushes the store tickets a
+    /// publisher confirm must wait for.
     pub fn publish_with(
         &self,
         vhost: &str,
         message: Arc<Message>,
         targets: &mut Vec<Arc<Queue>>,
+        tickets: &mut Vec<crate::store::Ticket>,
     ) -> Result<Published, AmqpError> {
         targets.clear();
         {
@@ -374,7 +399,7 @@ impl Broker {
             rejected: false,
         };
         for queue in targets.drain(..) {
-            match queue.publish(message.clone(), now, &mut dead) {
+            match queue.publish_durable(message.clone(), now, &mut dead, tickets) {
                 Enqueued::Accepted => published.n_queues += 1,
                 Enqueued::Rejected => published.rejected = true,
             }
@@ -454,8 +479,12 @@ impl Broker {
             });
         }
         let used = self.memory_bytes.load(Ordering::Relaxed).max(0) as u64;
-        let alarm = used > self.settings.memory_high_watermark_bytes;
-        self.metrics.memory_alarm.set(i64::from(alarm));
+        let memory_alarm = used > self.settings.memory_high_watermark_bytes;
+        let disk_alarm = self.durable().is_some_and(|d| d.disk_alarm());
+        self.metrics.memory_alarm.set(i64::from(memory_alarm));
+        self.metrics.disk_alarm.set(i64::from(disk_alarm));
+        // Either alarm blocks publishers (connection.blocked), as in RabbitMQ.
+        let alarm = memory_alarm || disk_alarm;
         self.alarm.send_if_modified(|current| {
             let changed = *current != alarm;
             *current = alarm;

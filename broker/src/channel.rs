@@ -144,6 +144,9 @@ pub struct Confirms {
     pub acked_through: u64,
     /// Highest sequence sent to the client (ack or nack).
     pub sent_through: u64,
+    /// Publishes handed to the durable confirm waiter and not yet reported;
+    /// while any are, later confirms queue behind them to stay in order.
+    pub durable_outstanding: u64,
 }
 
 /// One open channel.

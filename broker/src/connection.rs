@@ -46,6 +46,15 @@ pub enum Outbound {
         /// Consumer tag.
         consumer_tag: Arc<str>,
     },
+    /// Persistent publish `seq` of a channel is durable (`ok`) or not.
+    Confirmed {
+        /// The channel instance it was published on.
+        channel: Arc<crate::broker::ChannelInfo>,
+        /// Publish sequence number.
+        seq: u64,
+        /// Ack (true) or nack (false).
+        ok: bool,
+    },
     /// Close the connection (management API, shutdown).
     Close {
         /// Reply code.
@@ -109,6 +118,7 @@ pub async fn serve(
         closing: false,
         last_read: Instant::now(),
         last_write: Instant::now(),
+        confirm_waiter: None,
     };
     let handshake = tokio::time::timeout(
         Duration::from_millis(limits::HANDSHAKE_TIMEOUT_MS),
@@ -157,6 +167,8 @@ struct Connection {
     closing: bool,
     last_read: Instant,
     last_write: Instant,
+    /// Turns store tickets into confirms (started at the first persistent publish).
+    confirm_waiter: Option<crate::durable::ConfirmWaiter>,
 }
 
 /// Outcome of one frame for the main loop.
@@ -455,6 +467,7 @@ impl Connection {
                             Err(_) => break,
                         }
                     }
+                    self.flush_confirms();
                 }
                 _ = ticker.tick() => {
                     if read_paused {
@@ -894,6 +907,7 @@ impl Connection {
             Outbound::Close { code, text } => {
                 self.begin_close(code, &text, 0, 0);
             }
+            Outbound::Confirmed { channel, seq, ok } => self.durable_confirmed(&channel, seq, ok),
         }
     }
 
@@ -1081,9 +1095,13 @@ impl Connection {
         mandatory: bool,
     ) -> Result<(), AmqpError> {
         self.has_published = true;
-        let published =
-            self.broker
-                .publish_with(&self.vhost, message.clone(), &mut self.route_scratch)?;
+        let mut tickets = Vec::new();
+        let published = self.broker.publish_with(
+            &self.vhost,
+            message.clone(),
+            &mut self.route_scratch,
+            &mut tickets,
+        )?;
         if published.n_queues == 0 && !published.rejected {
             if mandatory {
                 self.broker.metrics.messages_unroutable_returned_total.inc();
@@ -1114,7 +1132,17 @@ impl Connection {
         if let Some(confirms) = channel.confirms.as_mut() {
             confirms.published += 1;
             let seq = confirms.published;
-            if published.rejected {
+            if !tickets.is_empty() || confirms.durable_outstanding > 0 {
+                confirms.durable_outstanding += 1;
+                let info = channel.info.clone();
+                let waiter = self.confirm_waiter.get_or_insert_with(|| {
+                    crate::durable::ConfirmWaiter::start(
+                        self.broker.durable().cloned(),
+                        self.sender.clone(),
+                    )
+                });
+                waiter.submit(info, seq, tickets, published.rejected);
+            } else if published.rejected {
                 // Acks before this one go first, then the nack alone.
                 let pending_acks = std::mem::take(&mut confirms.acked_through);
                 let sent = confirms.sent_through;
@@ -1135,6 +1163,38 @@ impl Connection {
             }
         }
         Ok(())
+    }
+
+    /// A confirm the durable waiter reported, in publish order.
+    fn durable_confirmed(&mut self, info: &Arc<crate::broker::ChannelInfo>, seq: u64, ok: bool) {
+        let channel_id = info.number;
+        let Some(confirms) = self
+            .channels
+            .get_mut(&channel_id)
+            .filter(|c| Arc::ptr_eq(&c.info, info) && !c.closing)
+            .and_then(|c| c.confirms.as_mut())
+        else {
+            return;
+        };
+        confirms.durable_outstanding = confirms.durable_outstanding.saturating_sub(1);
+        if ok {
+            confirms.acked_through = seq;
+            return;
+        }
+        let pending_acks = std::mem::take(&mut confirms.acked_through);
+        let sent = confirms.sent_through;
+        confirms.sent_through = seq;
+        if pending_acks > sent {
+            self.send_ack_confirm(channel_id, pending_acks, pending_acks - sent > 1);
+        }
+        self.send_method(
+            channel_id,
+            AMQPClass::Basic(basic::AMQPMethod::Nack(basic::Nack {
+                delivery_tag: seq,
+                multiple: false,
+                requeue: false,
+            })),
+        );
     }
 
     fn send_ack_confirm(&mut self, channel_id: u16, tag: u64, multiple: bool) {
@@ -1449,6 +1509,7 @@ impl Connection {
             .inc_by(taken.len() as u64);
         for (queue, entries) in group_by_queue(taken) {
             queue.ack(entries.len() as u64);
+            entries.iter().for_each(|u| queue.forget(&u.entry));
         }
         self.redispatch(channel_id);
         Ok(())

@@ -15,6 +15,8 @@
 //! - [`message`]: the shared, reference-counted message.
 //! - [`queue`]: messages, consumers, redelivery, TTL, length limits, dead-lettering.
 //! - [`store`]: durable log and metadata; versioned formats; a backend trait.
+//! - [`durable`]: wires the store into the broker: topology snapshots, message
+//!   logging, recovery at startup, confirms after fsync, the disk alarm.
 //! - [`paxos`]: consensus and reconfiguration (pure; no I/O, no clock, seeded rng).
 //! - [`cluster`]: drives `paxos`: transport, timers, persistence, forwarding.
 //! - [`mgmt`]: management HTTP API.
@@ -27,6 +29,7 @@ pub mod channel;
 pub mod cluster;
 pub mod config;
 pub mod connection;
+pub mod durable;
 pub mod exchange;
 pub mod limits;
 pub mod message;

@@ -32,7 +32,7 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("synod-broker: {err}");
-            std::process::ExitCode::from(1)
+            std::process::ExitCode::from(err.exit_code())
         }
     }
 }

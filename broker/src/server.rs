@@ -28,6 +28,20 @@ pub enum Error {
         /// The cause.
         source: std::io::Error,
     },
+    /// The data directory could not be opened, locked or restored.
+    #[error("{0}")]
+    Durable(#[from] crate::durable::Error),
+}
+
+impl Error {
+    /// The process exit code: 2 for a data directory of an incompatible
+    /// format (a configuration problem), 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Durable(err) if err.is_incompatible_format() => 2,
+            _ => 1,
+        }
+    }
 }
 
 /// A broker running in the background.
@@ -55,6 +69,9 @@ impl RunningBroker {
         for task in self.http_tasks {
             let _ = task.await;
         }
+        if let Some(durable) = self.broker.durable() {
+            durable.close();
+        }
     }
 }
 
@@ -74,7 +91,19 @@ pub async fn start_serving(
     config: Config,
     settings: Option<Settings>,
 ) -> Result<RunningBroker, Error> {
-    let mut running = start_with(config.clone(), settings).await?;
+    serve_http(start_with(config.clone(), settings).await?, &config).await
+}
+
+/// [`start_durable`] plus the management API and `/metrics` listeners: the
+/// broker the binary runs.
+pub async fn start_durable_serving(
+    config: Config,
+    settings: Option<Settings>,
+) -> Result<RunningBroker, Error> {
+    serve_http(start_durable(config.clone(), settings).await?, &config).await
+}
+
+async fn serve_http(mut running: RunningBroker, config: &Config) -> Result<RunningBroker, Error> {
     let listeners = async {
         Ok::<_, Error>((
             bind(config.mgmt_listen).await?,
@@ -106,9 +135,19 @@ pub async fn start_serving(
     Ok(running)
 }
 
-/// Starts a broker with default settings for `config`.
+/// Starts a broker with default settings for `config`, keeping everything
+/// in memory (embedding and in-process tests; see [`start_durable`]).
 pub async fn start(config: Config) -> Result<RunningBroker, Error> {
     start_with(config, None).await
+}
+
+/// Starts a broker whose durable state lives in `config.data_dir`: locks the
+/// directory, opens the store, restores topology and messages, then listens.
+pub async fn start_durable(
+    config: Config,
+    settings: Option<Settings>,
+) -> Result<RunningBroker, Error> {
+    start_inner(config, settings, true).await
 }
 
 /// Starts a broker; `settings` overrides the defaults (tests use this to
@@ -117,6 +156,14 @@ pub async fn start_with(
     config: Config,
     settings: Option<Settings>,
 ) -> Result<RunningBroker, Error> {
+    start_inner(config, settings, false).await
+}
+
+async fn start_inner(
+    config: Config,
+    settings: Option<Settings>,
+    durable: bool,
+) -> Result<RunningBroker, Error> {
     let settings = settings.unwrap_or_else(|| Settings::new(&config.node_name));
     let metrics = Metrics::new();
     metrics.set_per_queue(config.metrics_per_queue);
@@ -124,7 +171,15 @@ pub async fn start_with(
         .identity_info
         .with_label_values(&[config.node_name.as_str(), config.node_name.as_str()])
         .set(1);
+    let durable = if durable {
+        Some(crate::durable::Durable::open(&config.data_dir, &metrics)?)
+    } else {
+        None
+    };
     let broker = Broker::new(settings, metrics);
+    if let Some((durable, recovered)) = durable {
+        durable.restore(&broker, recovered)?;
+    }
     let listener = TcpListener::bind(config.amqp_listen)
         .await
         .map_err(|source| Error::Bind {
@@ -154,7 +209,7 @@ pub async fn start_with(
 
 /// Runs a broker until `shutdown` completes, then drains connections.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
-    let running = start_serving(config, None).await?;
+    let running = start_durable_serving(config, None).await?;
     shutdown.await;
     tracing::info!("shutting down: closing connections");
     running.shutdown().await;

@@ -11,13 +11,14 @@ pub mod dead_letter;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use prometheus::IntGauge;
 use tokio::sync::mpsc;
 
 use crate::connection::Outbound;
+use crate::durable::QueueLog;
 use crate::limits;
 use crate::message::Message;
 use crate::meta::QueueDef;
@@ -98,6 +99,8 @@ pub struct Entry {
     pub redelivered: bool,
     /// When TTL makes it expire.
     pub expires_at: Option<Instant>,
+    /// Its record in the store (persistent message in a durable queue).
+    pub store_id: Option<crate::store::MessageId>,
 }
 
 /// A consumer as the queue sees it.
@@ -191,6 +194,8 @@ pub struct Queue {
     /// Housekeeping has work here: TTLs, `x-expires`, or a message that
     /// carried an `expiration`. Other queues are skipped by [`Queue::tick`].
     timed: AtomicBool,
+    /// The store's log of a durable queue (set once, after creation).
+    log: OnceLock<QueueLog>,
 }
 
 impl Queue {
@@ -225,6 +230,7 @@ impl Queue {
                 had_consumer: false,
             }),
             timed: AtomicBool::new(timed),
+            log: OnceLock::new(),
             metrics,
             memory_bytes,
         })
@@ -272,6 +278,18 @@ impl Queue {
         now: Instant,
         dead: &mut Vec<DeadLetter>,
     ) -> Enqueued {
+        self.publish_durable(message, now, dead, &mut Vec::new())
+    }
+
+    /// [`Queue::publish`] that also logs a persistent message of a durable
+    /// queue, pushing the store ticket its confirm must wait for.
+    pub fn publish_durable(
+        self: &Arc<Self>,
+        message: Arc<Message>,
+        now: Instant,
+        dead: &mut Vec<DeadLetter>,
+        tickets: &mut Vec<crate::store::Ticket>,
+    ) -> Enqueued {
         let mut state = self.lock();
         if state.deleted {
             return Enqueued::Accepted;
@@ -302,6 +320,10 @@ impl Queue {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
+        let store_id = match self.log.get() {
+            Some(log) if message.is_persistent() => log.persist(&message, ttl_ms, tickets),
+            _ => None,
+        };
         let seq = state.next_seq;
         state.next_seq += 1;
         state.ready_bytes += size;
@@ -311,6 +333,7 @@ impl Queue {
             message,
             redelivered: false,
             expires_at: ttl_ms.map(|ms| now + Duration::from_millis(ms)),
+            store_id,
         });
         self.enforce_length(&mut state, dead);
         self.dispatch_locked(&mut state, now, dead);
@@ -334,6 +357,7 @@ impl Queue {
             let Some(entry) = self.pop_ready(state) else {
                 return;
             };
+            self.forget(&entry);
             dead.extend(self.dead_letter(&entry.message, dead_letter::Reason::MaxLen));
         }
     }
@@ -353,6 +377,7 @@ impl Queue {
             .is_some_and(|e| e.expires_at.is_some_and(|at| at <= now))
         {
             if let Some(entry) = self.pop_ready(state) {
+                self.forget(&entry);
                 dead.extend(self.dead_letter(&entry.message, dead_letter::Reason::Expired));
             }
         }
@@ -402,6 +427,7 @@ impl Queue {
                 break;
             };
             let consumer = &state.consumers[index];
+            self.delivered(&entry, consumer.no_ack);
             if !consumer.no_ack {
                 consumer.credit.in_flight.fetch_add(1, Ordering::Relaxed);
                 consumer
@@ -464,6 +490,7 @@ impl Queue {
         state.last_used = now;
         self.drop_expired_head(&mut state, now, dead);
         let entry = self.pop_ready(&mut state)?;
+        self.delivered(&entry, no_ack);
         if !no_ack {
             state.n_unacked += 1;
         }
@@ -510,6 +537,7 @@ impl Queue {
         let mut state = self.lock();
         state.n_unacked = state.n_unacked.saturating_sub(1);
         self.update_gauges(&state);
+        self.forget(entry);
         if !state.deleted {
             dead.extend(self.dead_letter(&entry.message, dead_letter::Reason::Rejected));
         }
@@ -581,6 +609,9 @@ impl Queue {
         let n = state.ready.len() as u64;
         self.memory_bytes
             .fetch_sub(state.ready_bytes as i64, Ordering::Relaxed);
+        for entry in &state.ready {
+            self.forget(entry);
+        }
         state.ready.clear();
         state.ready_bytes = 0;
         self.update_gauges(&state);
@@ -595,6 +626,9 @@ impl Queue {
             return (Vec::new(), 0);
         }
         state.deleted = true;
+        if let Some(log) = self.log.get() {
+            log.drop_all();
+        }
         let n = state.ready.len() as u64;
         self.memory_bytes
             .fetch_sub(state.ready_bytes as i64, Ordering::Relaxed);
@@ -632,6 +666,48 @@ impl Queue {
             state.consumers.is_empty()
                 && now.duration_since(state.last_used) >= Duration::from_millis(ms)
         })
+    }
+
+    /// Gives a durable queue its log (once; later calls are ignored).
+    pub fn attach_log(&self, log: QueueLog) {
+        let _ = self.log.set(log);
+    }
+
+    /// The store's log, for a durable queue.
+    pub fn log(&self) -> Option<&QueueLog> {
+        self.log.get()
+    }
+
+    /// The entry left the queue for good: drop its record.
+    pub fn forget(&self, entry: &Entry) {
+        if let (Some(log), Some(id)) = (self.log.get(), entry.store_id) {
+            log.remove(id);
+        }
+    }
+
+    fn delivered(&self, entry: &Entry, no_ack: bool) {
+        if no_ack {
+            self.forget(entry);
+        } else if let (Some(log), Some(id)) = (self.log.get(), entry.store_id) {
+            log.delivered(id);
+        }
+    }
+
+    /// Puts recovered messages back, in order, after whatever the queue holds.
+    pub fn restore(&self, entries: Vec<Entry>) {
+        let mut state = self.lock();
+        for mut entry in entries {
+            if entry.expires_at.is_some() {
+                self.timed.store(true, Ordering::Relaxed);
+            }
+            entry.seq = state.next_seq;
+            state.next_seq += 1;
+            let size = entry.message.body_size();
+            state.ready_bytes += size;
+            self.memory_bytes.fetch_add(size as i64, Ordering::Relaxed);
+            state.ready.push_back(entry);
+        }
+        self.update_gauges(&state);
     }
 
     /// Records use for `x-expires` (declare, get, consume).

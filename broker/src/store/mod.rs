@@ -263,11 +263,22 @@ enum TicketState {
     Ready(Option<Result<(), Error>>),
 }
 
+impl std::fmt::Debug for Ticket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ticket").finish_non_exhaustive()
+    }
+}
+
 impl Ticket {
     fn ready(result: Result<(), Error>) -> Ticket {
         Ticket {
             state: TicketState::Ready(Some(result)),
         }
+    }
+
+    /// A ticket that is already resolved (a record refused before submission).
+    pub fn resolved(result: Result<(), Error>) -> Ticket {
+        Ticket::ready(result)
     }
 
     /// Blocks the calling thread until the record is durable or failed.
@@ -444,6 +455,14 @@ impl Shared {
 pub struct Store {
     shared: Arc<Shared>,
     writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("dir", &self.shared.dir)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Store {
