@@ -1837,27 +1837,10 @@ impl Connection {
                 // Deleting a missing queue succeeds, as in RabbitMQ.
                 if let Some(queue) = self.broker.queue(&self.vhost, name) {
                     self.check_exclusive(&queue)?;
-                    let counts = queue.counts();
-                    if delete.if_unused && counts.consumers > 0 {
-                        return Err(AmqpError::new(
-                            reply::PRECONDITION_FAILED,
-                            format!("queue '{name}' in vhost '{}' in use", self.vhost),
-                        ));
-                    }
-                    if delete.if_empty && counts.ready > 0 {
-                        return Err(AmqpError::new(
-                            reply::PRECONDITION_FAILED,
-                            format!("queue '{name}' in vhost '{}' is not empty", self.vhost),
-                        ));
-                    }
-                    n = counts.ready;
-                    match self.broker.execute(Command::DeleteQueue {
-                        vhost: self.vhost.clone(),
-                        name: name.to_string(),
-                    }) {
-                        Ok(_) | Err(MetaError::NotFound(_)) => {}
-                        Err(err) => return Err(meta_error(err)),
-                    }
+                    n = self
+                        .broker
+                        .delete_queue(&self.vhost, name, delete.if_unused, delete.if_empty)
+                        .map_err(meta_error)?;
                     self.exclusive_queues.retain(|q| q != name);
                 }
                 if !delete.nowait {

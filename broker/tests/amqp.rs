@@ -802,7 +802,7 @@ async fn wrong_credentials_and_missing_permissions_are_refused() {
             vhost: "/".into(),
             user: "reader".into(),
             configure: "^$".into(),
-            write: "amq\\.direct".into(),
+            write: "^amq\\.direct$".into(),
             read: ".*".into(),
         })
         .expect("permissions");
