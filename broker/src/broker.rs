@@ -69,16 +69,16 @@ pub enum Access {
 
 impl CompiledPermissions {
     fn compile(p: &Permissions) -> Option<CompiledPermissions> {
-        // RabbitMQ anchors the regex at both ends implicitly ("^...$").
-        let anchored = |r: &str| regex::Regex::new(&format!("^(?:{r})$")).ok();
+        // As in RabbitMQ the patterns are not anchored: users write `^...$`.
+        let compile = |r: &str| regex::Regex::new(r).ok();
         Some(CompiledPermissions {
-            configure: anchored(&p.configure)?,
-            write: anchored(&p.write)?,
-            read: anchored(&p.read)?,
+            configure: compile(&p.configure)?,
+            write: compile(&p.write)?,
+            read: compile(&p.read)?,
         })
     }
 
-    /// Whether the user may do `access` on `resource`. An empty regex
+    /// Whether the user may do `access` on `resource`. An empty pattern
     /// allows nothing, as in RabbitMQ.
     pub fn allows(&self, access: Access, resource: &str) -> bool {
         let regex = match access {
@@ -86,7 +86,7 @@ impl CompiledPermissions {
             Access::Write => &self.write,
             Access::Read => &self.read,
         };
-        regex.as_str() != "^(?:)$" && regex.is_match(resource)
+        !regex.as_str().is_empty() && regex.is_match(resource)
     }
 }
 
@@ -455,6 +455,47 @@ impl Broker {
         }
     }
 
+    /// Deletes a queue, refusing (406) when `if_unused` and it has
+    /// consumers or `if_empty` and it holds messages. Returns the number of
+    /// ready messages dropped; a missing queue is not an error (RabbitMQ).
+    pub fn delete_queue(
+        &self,
+        vhost: &str,
+        name: &str,
+        if_unused: bool,
+        if_empty: bool,
+    ) -> Result<u64, MetaError> {
+        let Some(queue) = self.queue(vhost, name) else {
+            return Ok(0);
+        };
+        let counts = queue.counts();
+        if if_unused && counts.consumers > 0 {
+            return Err(MetaError::PreconditionFailed(format!(
+                "queue '{name}' in vhost '{vhost}' in use"
+            )));
+        }
+        if if_empty && counts.ready > 0 {
+            return Err(MetaError::PreconditionFailed(format!(
+                "queue '{name}' in vhost '{vhost}' is not empty"
+            )));
+        }
+        match self.execute(Command::DeleteQueue {
+            vhost: vhost.to_string(),
+            name: name.to_string(),
+        }) {
+            Ok(_) | Err(MetaError::NotFound(_)) => Ok(counts.ready),
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Drops a queue's ready messages; returns how many (404 when missing).
+    pub fn purge_queue(&self, vhost: &str, name: &str) -> Result<u64, MetaError> {
+        let queue = self
+            .queue(vhost, name)
+            .ok_or_else(|| MetaError::NotFound(format!("no queue '{name}' in vhost '{vhost}'")))?;
+        Ok(queue.purge())
+    }
+
     /// Periodic work: message TTL, `x-expires`, the memory alarm.
     pub fn tick(&self) {
         let now = Instant::now();
@@ -682,5 +723,90 @@ impl Broker {
     /// Empty field table helper for callers building definitions.
     pub fn no_arguments() -> FieldTable {
         FieldTable::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use amq_protocol::types::AMQPValue;
+
+    fn broker() -> Arc<Broker> {
+        Broker::new(Settings::new("test@node"), Metrics::new())
+    }
+
+    fn queue_def(name: &str, arguments: FieldTable) -> QueueDef {
+        QueueDef {
+            name: name.into(),
+            durable: false,
+            exclusive_owner: None,
+            auto_delete: false,
+            arguments,
+            home_node: "test@node".into(),
+        }
+    }
+
+    #[test]
+    fn guest_is_loopback_only_and_failures_are_counted() {
+        // Goal: guest/guest works from loopback only; every refusal increments the counter.
+        let broker = broker();
+        assert!(broker.authenticate("guest", "guest", true).is_ok());
+        assert!(broker.authenticate("guest", "guest", false).is_err());
+        assert!(broker.authenticate("guest", "nope", true).is_err());
+        assert!(broker.authenticate("nobody", "guest", true).is_err());
+        assert_eq!(broker.metrics.auth_failures_total.get(), 3);
+    }
+
+    #[test]
+    fn permissions_are_unanchored_regexes_and_empty_means_none() {
+        // Goal: RabbitMQ semantics: patterns match anywhere unless anchored; "" denies.
+        let p = CompiledPermissions::compile(&Permissions {
+            configure: "".into(),
+            write: "^amq\\.".into(),
+            read: "logs".into(),
+        })
+        .expect("valid");
+        assert!(!p.allows(Access::Configure, "anything"));
+        assert!(p.allows(Access::Write, "amq.direct"));
+        assert!(!p.allows(Access::Write, "x.amq.direct"));
+        assert!(p.allows(Access::Read, "app-logs-1"));
+        assert!(!p.allows(Access::Read, "metrics"));
+    }
+
+    #[test]
+    fn queue_commands_create_runtime_queues_and_checks_apply() {
+        // Goal: execute() creates and deletes runtime queues; bad arguments and if-empty refuse.
+        let broker = broker();
+        let mut bad = FieldTable::default();
+        bad.insert("x-max-length".into(), AMQPValue::LongString("ten".into()));
+        let err = broker
+            .execute(Command::DeclareQueue {
+                vhost: "/".into(),
+                queue: queue_def("bad", bad),
+            })
+            .expect_err("invalid argument");
+        assert!(matches!(err, MetaError::PreconditionFailed(_)), "{err}");
+        broker
+            .execute(Command::DeclareQueue {
+                vhost: "/".into(),
+                queue: queue_def("q", FieldTable::default()),
+            })
+            .expect("declare");
+        assert_eq!(broker.metrics.queues.get(), 1);
+        let message = Arc::new(Message {
+            exchange: String::new(),
+            routing_key: "q".into(),
+            properties: Default::default(),
+            properties_raw: bytes::Bytes::from_static(&[0, 0]),
+            body: bytes::Bytes::from_static(b"x"),
+        });
+        let published = broker.publish("/", message).expect("publish");
+        assert_eq!(published.n_queues, 1);
+        assert!(broker.delete_queue("/", "q", false, true).is_err());
+        assert_eq!(broker.list_queues()[0].counts.ready, 1);
+        assert_eq!(broker.delete_queue("/", "q", false, false), Ok(1));
+        assert!(broker.queue("/", "q").is_none());
+        assert_eq!(broker.metrics.queues.get(), 0);
+        assert_eq!(broker.delete_queue("/", "q", false, false), Ok(0));
     }
 }

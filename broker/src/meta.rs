@@ -356,6 +356,7 @@ impl Metadata {
                 Ok(Outcome::default())
             }
             Command::DeclareExchange { vhost, exchange } => {
+                check_name_len("exchange", &exchange.name)?;
                 let vhost_name = vhost;
                 let vhost = self.vhost_mut(&vhost_name)?;
                 if let Some(existing) = vhost.exchanges.get(&exchange.name) {
@@ -403,6 +404,7 @@ impl Metadata {
                 Ok(outcome)
             }
             Command::DeclareQueue { vhost, queue } => {
+                check_name_len("queue", &queue.name)?;
                 let vhost_name = vhost;
                 let vhost = self.vhost_mut(&vhost_name)?;
                 if let Some(existing) = vhost.queues.get(&queue.name) {
@@ -554,6 +556,18 @@ impl Metadata {
             })
             .collect()
     }
+}
+
+/// Names travel as AMQP short strings (the management API could otherwise
+/// create names no client can use).
+fn check_name_len(what: &str, name: &str) -> Result<(), MetaError> {
+    if name.len() > crate::queue::args::NAME_LEN_MAX {
+        return Err(MetaError::Invalid(format!(
+            "{what} name longer than {} bytes",
+            crate::queue::args::NAME_LEN_MAX
+        )));
+    }
+    Ok(())
 }
 
 fn created() -> Outcome {

@@ -802,7 +802,7 @@ async fn wrong_credentials_and_missing_permissions_are_refused() {
             vhost: "/".into(),
             user: "reader".into(),
             configure: "^$".into(),
-            write: "amq\\.direct".into(),
+            write: "^amq\\.direct$".into(),
             read: ".*".into(),
         })
         .expect("permissions");
@@ -1391,5 +1391,50 @@ async fn random_frames_after_the_handshake_never_break_the_broker() {
     })
     .await;
     assert_eq!(broker.broker.list_connections().len(), 1, "seed {seed}");
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn global_qos_is_shared_by_the_channels_consumers() {
+    // Goal: qos(1, global=true) allows one unacked delivery across all consumers of the channel.
+    let broker = start().await;
+    let connection = connect(&broker).await;
+    let ch = within(connection.create_channel()).await.expect("channel");
+    for q in ["g1", "g2"] {
+        declare(&ch, q, FieldTable::default()).await;
+        publish(&ch, "", q, q.as_bytes(), BasicProperties::default()).await;
+    }
+    within(ch.basic_qos(1, BasicQosOptions { global: true }))
+        .await
+        .expect("qos");
+    let mut c1 = within(ch.basic_consume(
+        "g1".into(),
+        "".into(),
+        BasicConsumeOptions::default(),
+        FieldTable::default(),
+    ))
+    .await
+    .expect("consume");
+    let mut c2 = within(ch.basic_consume(
+        "g2".into(),
+        "".into(),
+        BasicConsumeOptions::default(),
+        FieldTable::default(),
+    ))
+    .await
+    .expect("consume");
+    let first = within(c1.next()).await.expect("d").expect("ok");
+    assert_eq!(first.data, b"g1");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), c2.next())
+            .await
+            .is_err(),
+        "the channel-wide limit holds g2 back"
+    );
+    within(first.ack(BasicAckOptions::default()))
+        .await
+        .expect("ack");
+    let second = within(c2.next()).await.expect("d").expect("ok");
+    assert_eq!(second.data, b"g2");
     broker.shutdown().await;
 }

@@ -238,12 +238,11 @@ impl Encoder {
     pub fn method(&mut self, out: &mut BytesMut, channel: u16, method: &AMQPClass) {
         let mut scratch = std::mem::take(&mut self.scratch);
         scratch.clear();
-        let scratch = match gen_class(method)(WriteContext::from(scratch)) {
-            Ok(context) => context.write,
-            // Generation into a Vec fails only for strings over 255 bytes,
-            // which the broker never produces (names are validated on input).
-            Err(err) => panic!("method encoding failed: {err:?}"),
-        };
+        // Generation into a Vec fails only for short strings over 255
+        // bytes; names are validated on input and reply texts truncated.
+        let scratch = gen_class(method)(WriteContext::from(scratch))
+            .expect("every short string the broker sends fits in 255 bytes")
+            .write;
         put_frame_header(out, FRAME_METHOD, channel, scratch.len());
         out.extend_from_slice(&scratch);
         out.put_u8(FRAME_END);
@@ -325,10 +324,9 @@ fn put_frame_header(out: &mut BytesMut, frame_type: u8, channel: u16, payload_si
 
 /// Encodes properties (flags + list) as they travel in a content header.
 pub fn encode_properties(properties: &AMQPProperties) -> Bytes {
-    match gen_properties(properties)(WriteContext::from(Vec::new())) {
-        Ok(context) => Bytes::from(context.write),
-        Err(err) => panic!("property encoding failed: {err:?}"),
-    }
+    let context = gen_properties(properties)(WriteContext::from(Vec::new()))
+        .expect("properties decoded from short strings re-encode as short strings");
+    Bytes::from(context.write)
 }
 
 /// A protocol-level failure that closes a channel or the connection, with

@@ -5,6 +5,9 @@ use amq_protocol::types::{AMQPValue, FieldTable};
 
 use crate::exchange::as_integer;
 
+/// Longest exchange name or routing key: AMQP short strings.
+pub const NAME_LEN_MAX: usize = 255;
+
 /// What happens when a queue is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Overflow {
@@ -74,6 +77,16 @@ impl QueueArgs {
                     _ => return Err(format!("invalid arg '{key}': only 'classic' is supported")),
                 },
                 _ => {}
+            }
+        }
+        for (key, value) in [
+            ("x-dead-letter-exchange", &args.dead_letter_exchange),
+            ("x-dead-letter-routing-key", &args.dead_letter_routing_key),
+        ] {
+            if value.as_ref().is_some_and(|v| v.len() > NAME_LEN_MAX) {
+                return Err(format!(
+                    "invalid arg '{key}': longer than {NAME_LEN_MAX} bytes"
+                ));
             }
         }
         if args.dead_letter_routing_key.is_some() && args.dead_letter_exchange.is_none() {
