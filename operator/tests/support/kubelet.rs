@@ -1552,46 +1552,47 @@ impl ContainerRuntime {
         }
     }
 
-    fn status(&self, init: bool) -> ContainerStatus {
-        let state = if let Some(child) = &self.child {
-            let _ = child;
-            ContainerState {
+    fn status(&self, init: bool, restart_policy: &str) -> ContainerStatus {
+        // Whether kubelet would start this container again after its exit.
+        let restarts = match self.last_termination.as_ref().map(|t| t.exit_code == 0) {
+            None => true,
+            Some(exited_ok) if init => !exited_ok && restart_policy != "Never",
+            Some(exited_ok) => {
+                restart_policy == "Always" || (restart_policy == "OnFailure" && !exited_ok)
+            }
+        };
+        let state = match (&self.child, &self.last_termination) {
+            (Some(_), _) => ContainerState {
                 running: Some(ContainerStateRunning {
                     started_at: self.started_at.clone(),
                 }),
                 ..ContainerState::default()
-            }
-        } else if let (true, Some(terminated)) = (self.succeeded || init, &self.last_termination) {
-            ContainerState {
+            },
+            (None, Some(terminated)) if !restarts => ContainerState {
                 terminated: Some(terminated.clone()),
                 ..ContainerState::default()
-            }
-        } else if self.last_termination.is_some() {
-            ContainerState {
+            },
+            (None, Some(_)) => ContainerState {
                 waiting: Some(ContainerStateWaiting {
                     reason: Some("CrashLoopBackOff".into()),
                     message: None,
                 }),
                 ..ContainerState::default()
-            }
-        } else {
-            ContainerState {
+            },
+            (None, None) => ContainerState {
                 waiting: Some(ContainerStateWaiting {
                     reason: Some("PodInitializing".into()),
                     message: None,
                 }),
                 ..ContainerState::default()
-            }
+            },
         };
-        let last_state = if self.child.is_some() || !self.succeeded {
-            self.last_termination
-                .clone()
-                .map(|terminated| ContainerState {
-                    terminated: Some(terminated),
-                    ..ContainerState::default()
-                })
-        } else {
-            None
+        let last_state = match (&self.child, &self.last_termination) {
+            (Some(_), Some(terminated)) => Some(ContainerState {
+                terminated: Some(terminated.clone()),
+                ..ContainerState::default()
+            }),
+            _ => None,
         };
         ContainerStatus {
             name: self.launch.name.clone(),
@@ -1702,13 +1703,13 @@ fn pod_status(runtime: &mut PodRuntime, host_ip: Ipv4Addr, pod: &Pod) -> PodStat
         runtime
             .containers
             .iter()
-            .map(|container| container.status(false))
+            .map(|container| container.status(false, &runtime.restart_policy))
             .collect()
     };
     let init_statuses: Vec<ContainerStatus> = runtime
         .init
         .iter()
-        .map(|container| container.status(true))
+        .map(|container| container.status(true, &runtime.restart_policy))
         .collect();
     PodStatus {
         phase: Some(phase.into()),
