@@ -294,6 +294,7 @@ pub struct Kubelet {
     shared: Arc<Shared>,
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
+    watch_task: tokio::task::JoinHandle<()>,
     root: PathBuf,
     addresses: Arc<Mutex<Addresses>>,
 }
@@ -376,17 +377,18 @@ impl Kubelet {
             provisioned: HashSet::new(),
             runtimes: HashMap::new(),
         };
+        // Watch events only wake the loop, which reads the reflectors' stores.
+        let mut events = futures::stream::select(
+            pod_events.map(|_| ()).boxed(),
+            claim_events.map(|_| ()).boxed(),
+        );
+        let waker = wake.clone();
+        let watch_task = tokio::spawn(async move {
+            while events.next().await.is_some() {
+                waker.notify_one();
+            }
+        });
         let task = tokio::spawn(async move {
-            let mut events = futures::stream::select(
-                pod_events.map(|_| ()).boxed(),
-                claim_events.map(|_| ()).boxed(),
-            );
-            let waker = wake.clone();
-            let watch_task = tokio::spawn(async move {
-                while events.next().await.is_some() {
-                    waker.notify_one();
-                }
-            });
             loop {
                 tokio::select! {
                     _ = shutdown_rx.changed() => break,
@@ -395,7 +397,6 @@ impl Kubelet {
                 }
                 context.sync().await;
             }
-            watch_task.abort();
             context.stop_all();
         });
         Ok(Kubelet {
@@ -404,6 +405,7 @@ impl Kubelet {
             shared,
             shutdown,
             task,
+            watch_task,
             root,
             addresses,
         })
@@ -454,6 +456,7 @@ impl Drop for Kubelet {
     fn drop(&mut self) {
         let _ = self.shutdown.send(true);
         self.task.abort();
+        self.watch_task.abort();
         let groups = self
             .shared
             .groups
