@@ -451,6 +451,59 @@ async fn node_simulator_resolves_env_volumes_peers_and_http_readiness() {
     );
     assert!(log.contains("hi"), "ConfigMap volume not readable: {log}");
 
+    // A container without a command runs the broker binary with the Pod's
+    // args: `--peers` without `--cluster-secret-file` is a configuration
+    // error, which the broker reports with exit code 2.
+    let broker_bin = support::kubelet::default_broker_bin();
+    assert!(
+        broker_bin.is_file(),
+        "{} is missing: build it with `cargo build -p synod-broker` (or set SYNOD_BROKER_BIN)",
+        broker_bin.display()
+    );
+    let broker_pod = Pod {
+        metadata: ObjectMeta {
+            name: Some("broker".into()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PodSpec {
+            restart_policy: Some("Never".into()),
+            containers: vec![Container {
+                name: "broker".into(),
+                image: Some("synod/broker".into()),
+                args: Some(vec![
+                    "--peers".into(),
+                    "broker=broker.nodes.sim.svc:25672".into(),
+                ]),
+                ..Container::default()
+            }],
+            ..PodSpec::default()
+        }),
+        ..Pod::default()
+    };
+    pods.create(&PostParams::default(), &broker_pod)
+        .await
+        .expect("create broker Pod");
+    let exit_code = wait_for("broker Pod Failed", POD_TIMEOUT, || {
+        let pods = pods.clone();
+        async move {
+            let status = pods.get("broker").await.ok()?.status?;
+            if status.phase.as_deref() != Some("Failed") {
+                return None;
+            }
+            let terminated = status
+                .container_statuses?
+                .first()?
+                .state
+                .clone()?
+                .terminated?;
+            Some(terminated.exit_code)
+        }
+    })
+    .await;
+    let log = kubelet.logs("sim", "broker", "broker");
+    assert_eq!(exit_code, 2, "broker output: {log}");
+    assert!(log.contains("cluster-secret-file"), "broker output: {log}");
+
     pods.delete("probe", &DeleteParams::default())
         .await
         .expect("delete Pod");

@@ -294,6 +294,7 @@ pub struct Kubelet {
     shared: Arc<Shared>,
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
+    watch_task: tokio::task::JoinHandle<()>,
     root: PathBuf,
     addresses: Arc<Mutex<Addresses>>,
 }
@@ -376,17 +377,18 @@ impl Kubelet {
             provisioned: HashSet::new(),
             runtimes: HashMap::new(),
         };
+        // Watch events only wake the loop, which reads the reflectors' stores.
+        let mut events = futures::stream::select(
+            pod_events.map(|_| ()).boxed(),
+            claim_events.map(|_| ()).boxed(),
+        );
+        let waker = wake.clone();
+        let watch_task = tokio::spawn(async move {
+            while events.next().await.is_some() {
+                waker.notify_one();
+            }
+        });
         let task = tokio::spawn(async move {
-            let mut events = futures::stream::select(
-                pod_events.map(|_| ()).boxed(),
-                claim_events.map(|_| ()).boxed(),
-            );
-            let waker = wake.clone();
-            let watch_task = tokio::spawn(async move {
-                while events.next().await.is_some() {
-                    waker.notify_one();
-                }
-            });
             loop {
                 tokio::select! {
                     _ = shutdown_rx.changed() => break,
@@ -395,7 +397,6 @@ impl Kubelet {
                 }
                 context.sync().await;
             }
-            watch_task.abort();
             context.stop_all();
         });
         Ok(Kubelet {
@@ -404,6 +405,7 @@ impl Kubelet {
             shared,
             shutdown,
             task,
+            watch_task,
             root,
             addresses,
         })
@@ -454,6 +456,7 @@ impl Drop for Kubelet {
     fn drop(&mut self) {
         let _ = self.shutdown.send(true);
         self.task.abort();
+        self.watch_task.abort();
         let groups = self
             .shared
             .groups
@@ -1552,46 +1555,47 @@ impl ContainerRuntime {
         }
     }
 
-    fn status(&self, init: bool) -> ContainerStatus {
-        let state = if let Some(child) = &self.child {
-            let _ = child;
-            ContainerState {
+    fn status(&self, init: bool, restart_policy: &str) -> ContainerStatus {
+        // Whether kubelet would start this container again after its exit.
+        let restarts = match self.last_termination.as_ref().map(|t| t.exit_code == 0) {
+            None => true,
+            Some(exited_ok) if init => !exited_ok && restart_policy != "Never",
+            Some(exited_ok) => {
+                restart_policy == "Always" || (restart_policy == "OnFailure" && !exited_ok)
+            }
+        };
+        let state = match (&self.child, &self.last_termination) {
+            (Some(_), _) => ContainerState {
                 running: Some(ContainerStateRunning {
                     started_at: self.started_at.clone(),
                 }),
                 ..ContainerState::default()
-            }
-        } else if let (true, Some(terminated)) = (self.succeeded || init, &self.last_termination) {
-            ContainerState {
+            },
+            (None, Some(terminated)) if !restarts => ContainerState {
                 terminated: Some(terminated.clone()),
                 ..ContainerState::default()
-            }
-        } else if self.last_termination.is_some() {
-            ContainerState {
+            },
+            (None, Some(_)) => ContainerState {
                 waiting: Some(ContainerStateWaiting {
                     reason: Some("CrashLoopBackOff".into()),
                     message: None,
                 }),
                 ..ContainerState::default()
-            }
-        } else {
-            ContainerState {
+            },
+            (None, None) => ContainerState {
                 waiting: Some(ContainerStateWaiting {
                     reason: Some("PodInitializing".into()),
                     message: None,
                 }),
                 ..ContainerState::default()
-            }
+            },
         };
-        let last_state = if self.child.is_some() || !self.succeeded {
-            self.last_termination
-                .clone()
-                .map(|terminated| ContainerState {
-                    terminated: Some(terminated),
-                    ..ContainerState::default()
-                })
-        } else {
-            None
+        let last_state = match (&self.child, &self.last_termination) {
+            (Some(_), Some(terminated)) => Some(ContainerState {
+                terminated: Some(terminated.clone()),
+                ..ContainerState::default()
+            }),
+            _ => None,
         };
         ContainerStatus {
             name: self.launch.name.clone(),
@@ -1702,13 +1706,13 @@ fn pod_status(runtime: &mut PodRuntime, host_ip: Ipv4Addr, pod: &Pod) -> PodStat
         runtime
             .containers
             .iter()
-            .map(|container| container.status(false))
+            .map(|container| container.status(false, &runtime.restart_policy))
             .collect()
     };
     let init_statuses: Vec<ContainerStatus> = runtime
         .init
         .iter()
-        .map(|container| container.status(true))
+        .map(|container| container.status(true, &runtime.restart_policy))
         .collect();
     PodStatus {
         phase: Some(phase.into()),
