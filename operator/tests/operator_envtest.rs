@@ -7,7 +7,6 @@
 //!
 //! Compiled only where `tests/support/` (the Kubernetes test environment) is
 //! present; see `build.rs`.
-#![cfg(synod_envtest_support)]
 
 // rustfmt resolves modules even where the cfg above compiles nothing; the
 // support files are formatted through the test environment's own tests.
