@@ -387,6 +387,25 @@ func queueExists(t *testing.T, conn *amqp.Connection, queue string) bool {
 	return false
 }
 
+// queueGone tells whether a passive declare answers 404. An exclusive queue
+// whose owner just closed may still answer 405 (locked) until the broker has
+// finished deleting it; that counts as not gone yet.
+func queueGone(t *testing.T, conn *amqp.Connection, queue string) bool {
+	t.Helper()
+	ch := channel(t, conn)
+	_, err := ch.QueueDeclarePassive(queue, false, false, false, false, nil)
+	if err == nil {
+		ch.Close()
+		return false
+	}
+	var amqpErr *amqp.Error
+	if errors.As(err, &amqpErr) && amqpErr.Code == 405 {
+		return false
+	}
+	expectCode(t, err, 404)
+	return true
+}
+
 // exchangeExists tells whether a passive declare succeeds; any error but 404 fails the test.
 func exchangeExists(t *testing.T, conn *amqp.Connection, exchange string) bool {
 	t.Helper()

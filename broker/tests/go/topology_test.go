@@ -134,7 +134,7 @@ func TestQueueFlagsAndServerNames(t *testing.T) {
 	_, err = other.Consume(excl, "", false, false, false, false, nil)
 	expectCode(t, err, 405)
 	ownerConn.Close()
-	waitFor(t, "exclusive queue deleted with its connection", func() bool { return !queueExists(t, conn, excl) })
+	waitFor(t, "exclusive queue deleted with its connection", func() bool { return queueGone(t, conn, excl) })
 
 	ch = channel(t, conn)
 	auto := queueName(t, "auto")

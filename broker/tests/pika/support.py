@@ -75,6 +75,22 @@ def queue_exists(conn, queue):
         return False
 
 
+def queue_gone(conn, queue):
+    """Whether a passive declare of `queue` answers 404. An exclusive queue
+    whose owner just closed may still answer 405 (locked) until the broker has
+    finished deleting it; that counts as not gone yet."""
+    c = conn.channel()
+    try:
+        c.queue_declare(queue, passive=True)
+        c.close()
+        return False
+    except pika.exceptions.ChannelClosedByBroker as err:
+        if err.reply_code == 405:
+            return False
+        assert err.reply_code == 404, err
+        return True
+
+
 def exchange_exists(conn, exchange):
     """Whether a passive declare of `exchange` succeeds (404 means it does not)."""
     c = conn.channel()

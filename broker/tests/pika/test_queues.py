@@ -5,7 +5,7 @@ header, as RabbitMQ documents them."""
 import pika
 import pytest
 
-from support import collect, get_one, message_count, queue_exists, wait_until
+from support import collect, get_one, message_count, queue_exists, queue_gone, wait_until
 
 
 def test_server_named_queue_and_declare_ok_counts(ch, conn, names):
@@ -33,7 +33,7 @@ def test_exclusive_queue_locked_then_deleted_with_owner(connections, names):
     assert err.value.reply_code == 405
     assert other.is_open
     owner.close()
-    wait_until(lambda: not queue_exists(other, q), what="exclusive queue deleted with its owner")
+    wait_until(lambda: queue_gone(other, q), what="exclusive queue deleted with its owner")
 
 
 def test_auto_delete_queue_goes_with_last_consumer(ch, conn, names):
