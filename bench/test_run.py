@@ -73,6 +73,13 @@ class ParseTest(unittest.TestCase):
         self.assertEqual(r.rate("received"), 2980)
         self.assertEqual(r.latency(4), 5000)
 
+    def test_total_counts_messages_over_the_run(self):
+        # Goal: totals weight each per-second rate by its interval.
+        r = run.PerfTestRun(S1_OUTPUT, 6.0)
+        expected = 1158 * 1.051 + 4304 * (2.007 - 1.051) + 10119 * (3.002 - 2.007)
+        expected += 10483 * (4.007 - 3.002) + 11593 * (5.083 - 4.007) + 12001 * (6.001 - 5.083)
+        self.assertAlmostEqual(r.total("received"), expected)
+
     def test_short_run_uses_all_samples(self):
         # Goal: a run shorter than the warm-up still yields a figure.
         r = run.PerfTestRun(S1_OUTPUT.splitlines()[1] + "\n", 1.0)
@@ -115,6 +122,14 @@ class ProcessTest(unittest.TestCase):
         tree = run.process_tree(os.getppid())
         self.assertIn(os.getpid(), tree)
         self.assertGreater(run.rss_bytes(os.getpid()), 1024 * 1024)
+
+    def test_cpu_seconds_grow_with_work(self):
+        # Goal: CPU time read from /proc increases when this process computes.
+        before = run.cpu_seconds(os.getpid())
+        deadline = run.time.process_time() + 0.2
+        while run.time.process_time() < deadline:
+            pass
+        self.assertGreater(run.cpu_seconds(os.getpid()) - before, 0.1)
 
 
 if __name__ == "__main__":
