@@ -47,7 +47,7 @@ S2_LINE = (
 class ParseTest(unittest.TestCase):
     def test_steady_rates_skip_warmup(self):
         # Goal: only seconds after the warm-up count towards throughput.
-        r = run.PerfTestRun(S1_OUTPUT, 6.0)
+        r = run.PerfTestRun(S1_OUTPUT, 6.0, warmup_s=3)
         self.assertEqual(len(r.samples), 6)
         # Seconds 3.002 to 6.001 are after the 3 s warm-up; 1.051 and 2.007 are not.
         self.assertAlmostEqual(r.rate("received"), (10119 + 10483 + 11593 + 12001) / 4)
@@ -55,27 +55,34 @@ class ParseTest(unittest.TestCase):
 
     def test_summary_and_stop_reason(self):
         # Goal: whole-run averages and the reason PerfTest stopped are read.
-        r = run.PerfTestRun(S1_OUTPUT, 6.0)
+        r = run.PerfTestRun(S1_OUTPUT, 6.0, warmup_s=3)
         self.assertEqual(r.avg, {"sending": 8295, "receiving": 8144})
         self.assertEqual(r.stop_reason, "Reached time limit")
         self.assertEqual(r.summary_latency, (4871, 309550, 446470, 570366, 575061))
 
     def test_latency_is_median_of_steady_seconds(self):
         # Goal: p50/p99 are medians of per-second percentiles after warm-up.
-        r = run.PerfTestRun(S1_OUTPUT, 6.0)
+        r = run.PerfTestRun(S1_OUTPUT, 6.0, warmup_s=3)
         self.assertEqual(r.latency(1), (277464 + 300000) / 2)
         self.assertEqual(r.latency(4), (497492 + 571378) / 2)
 
     def test_confirm_rates_and_millisecond_latency(self):
         # Goal: confirmed rate is parsed and latency in ms is turned into µs.
-        r = run.PerfTestRun(S2_LINE, 4.0)
+        r = run.PerfTestRun(S2_LINE, 4.0, warmup_s=3)
         self.assertEqual(r.rate("confirmed"), 2990)
         self.assertEqual(r.rate("received"), 2980)
         self.assertEqual(r.latency(4), 5000)
 
+    def test_total_counts_messages_over_the_run(self):
+        # Goal: totals weight each per-second rate by its interval.
+        r = run.PerfTestRun(S1_OUTPUT, 6.0, warmup_s=3)
+        expected = 1158 * 1.051 + 4304 * (2.007 - 1.051) + 10119 * (3.002 - 2.007)
+        expected += 10483 * (4.007 - 3.002) + 11593 * (5.083 - 4.007) + 12001 * (6.001 - 5.083)
+        self.assertAlmostEqual(r.total("received"), expected)
+
     def test_short_run_uses_all_samples(self):
         # Goal: a run shorter than the warm-up still yields a figure.
-        r = run.PerfTestRun(S1_OUTPUT.splitlines()[1] + "\n", 1.0)
+        r = run.PerfTestRun(S1_OUTPUT.splitlines()[1] + "\n", 1.0, warmup_s=3)
         self.assertEqual(r.rate("received"), 1158)
 
 
@@ -115,6 +122,14 @@ class ProcessTest(unittest.TestCase):
         tree = run.process_tree(os.getppid())
         self.assertIn(os.getpid(), tree)
         self.assertGreater(run.rss_bytes(os.getpid()), 1024 * 1024)
+
+    def test_cpu_seconds_grow_with_work(self):
+        # Goal: CPU time read from /proc increases when this process computes.
+        before = run.cpu_seconds(os.getpid())
+        deadline = run.time.process_time() + 0.2
+        while run.time.process_time() < deadline:
+            pass
+        self.assertGreater(run.cpu_seconds(os.getpid()) - before, 0.1)
 
 
 if __name__ == "__main__":
