@@ -1091,6 +1091,22 @@ impl Connection {
             self.close_channel(channel_id, err);
             return;
         }
+        // As RabbitMQ does: a publisher may not claim to be someone else.
+        if let Some(user_id) = message.properties.user_id()
+            && user_id.as_str() != self.user
+        {
+            let err = AmqpError::new(
+                reply::PRECONDITION_FAILED,
+                format!(
+                    "user_id property set to '{}' but authenticated user was '{}'",
+                    user_id.as_str(),
+                    self.user
+                ),
+            )
+            .on_method(60, 40);
+            self.close_channel(channel_id, err);
+            return;
+        }
         if let Some(ops) = channel.tx.as_mut() {
             ops.push(TxOp::Publish { message, mandatory });
             return;
