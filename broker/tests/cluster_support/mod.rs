@@ -62,8 +62,10 @@ impl TestNode {
             ClusterNode::start_with_listener(self.config(), listener, self.metrics.clone())
                 .await
                 .expect("cluster node starts");
+        // A fresh list per start: the previous run's reader may still be
+        // draining its channel.
+        self.applied = Arc::new(Mutex::new(Vec::new()));
         let applied = self.applied.clone();
-        applied.lock().expect("lock").clear();
         tokio::spawn(async move {
             while let Some(entry) = applied_rx.recv().await {
                 applied.lock().expect("lock").push(entry);
