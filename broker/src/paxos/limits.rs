@@ -8,8 +8,6 @@ pub const PROPOSAL_QUEUE_MAX: usize = 4_096;
 pub const RESEND_ENTRIES_MAX: usize = 256;
 /// Decided entries in one `CatchUp` message.
 pub const CATCH_UP_ENTRIES_MAX: usize = 256;
-/// Entries reported in one `Promise`.
-pub const PROMISE_ENTRIES_MAX: usize = 4_096;
 /// A learner within this many slots of the leader is promoted to voter.
 pub const PROMOTE_LAG_MAX_SLOTS: u64 = 8;
 /// Ticks before an unanswered catch-up request is sent again.

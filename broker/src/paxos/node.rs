@@ -7,8 +7,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use super::Error;
 use super::limits::{
     CATCH_UP_ENTRIES_MAX, CATCH_UP_RETRY_TICKS, JOIN_INTERVAL_TICKS, JOINS_PENDING_MAX,
-    PROMISE_ENTRIES_MAX, PROMOTE_LAG_MAX_SLOTS, PROPOSAL_QUEUE_MAX, PROPOSALS_IN_FLIGHT_MAX,
-    RESEND_ENTRIES_MAX,
+    PROMOTE_LAG_MAX_SLOTS, PROPOSAL_QUEUE_MAX, PROPOSALS_IN_FLIGHT_MAX, RESEND_ENTRIES_MAX,
 };
 use super::rng::SplitMix64;
 use super::types::{
@@ -749,9 +748,12 @@ impl Paxos {
         let entries = if self.decided >= from_slot {
             Vec::new()
         } else {
+            // Every entry, never a prefix: a leader fills slots missing from
+            // the promises with no-ops, so a cut-off report could overwrite a
+            // chosen value. The set is small: entries past this acceptor's
+            // decided index, which leaders keep within their in-flight window.
             self.log
                 .range(from_slot..)
-                .take(PROMISE_ENTRIES_MAX)
                 .map(|(s, e)| (*s, e.clone()))
                 .collect()
         };
