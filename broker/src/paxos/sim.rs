@@ -2,6 +2,21 @@
 //! the network, the disks, the faults and the workload, and safety is checked
 //! after every event. No threads, no clock, no I/O: a failing seed replays
 //! exactly with `SEED=<seed>`.
+//!
+//! Checked after every event, against a record kept outside the nodes:
+//! - one value per slot: every node applies, for each slot, the value first
+//!   decided anywhere, in slot order without gaps (so every applied log is a
+//!   prefix of every other), and installed snapshots match that log;
+//! - one value per ballot and slot among all durable acceptances;
+//! - each first decision of a slot is made by a voter of the configuration
+//!   governing that slot (the one produced by the slots before it), on a
+//!   quorum of that configuration's voters that durably accepted the value:
+//!   no node decides under a configuration it is not part of, and no
+//!   configuration decides a slot outside its epoch;
+//! - only one cluster is ever bootstrapped;
+//! - after healing, every member agrees on the latest decided configuration
+//!   (committed changes are never lost), and a new proposal is decided at
+//!   every member within `HEAL_TICKS_MAX` ticks.
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, BTreeSet};
@@ -14,7 +29,7 @@ use super::{
 
 /// Ticks to form the initial cluster (every seed-list node a voter).
 const FORM_TICKS_MAX: u64 = 1_500;
-/// Ticks of faults and workload.
+/// Ticks of faults and workload (`PAXOS_SIM_FAULT_TICKS` overrides).
 const FAULT_TICKS: u64 = 300;
 /// Ticks after healing within which a leader must decide a new proposal at every member.
 const HEAL_TICKS_MAX: u64 = 2_000;
@@ -253,7 +268,8 @@ impl Sim {
         let formed = self.run_until(FORM_TICKS_MAX, |sim| sim.settled());
         assert!(formed, "the initial cluster did not form");
         self.rates = base_rates;
-        for _ in 0..FAULT_TICKS {
+        let fault_ticks = env_u64("PAXOS_SIM_FAULT_TICKS").unwrap_or(FAULT_TICKS);
+        for _ in 0..fault_ticks {
             self.step_tick();
         }
         self.rates = Rates::healed();
