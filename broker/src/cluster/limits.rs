@@ -26,3 +26,5 @@ pub const PENDING_PROPOSALS_MAX: usize = 8_192;
 pub const APPLIED_QUEUE_MAX: usize = 4_096;
 /// A member this many slots behind the leader is not "caught up".
 pub const READY_LAG_MAX_SLOTS: u64 = 8;
+/// Peer identities whose last message time is tracked for status.
+pub const PEERS_TRACKED_MAX: usize = 1_024;

@@ -14,8 +14,8 @@ use tokio::task::JoinHandle;
 
 use super::Error;
 use super::limits::{
-    APPLIED_QUEUE_MAX, COMMANDS_MAX, INBOX_BATCH_MAX, INBOX_MESSAGES_MAX, PENDING_PROPOSALS_MAX,
-    READY_LAG_MAX_SLOTS,
+    APPLIED_QUEUE_MAX, COMMANDS_MAX, INBOX_BATCH_MAX, INBOX_MESSAGES_MAX, PEERS_TRACKED_MAX,
+    PENDING_PROPOSALS_MAX, READY_LAG_MAX_SLOTS,
 };
 use super::storage::{Batch, Storage};
 use super::transport::{Transport, default_advertise};
@@ -430,7 +430,7 @@ impl Driver {
     }
 
     fn step(&mut self, msg: paxos::Message) {
-        if self.last_seen.len() < PENDING_PROPOSALS_MAX || self.last_seen.contains_key(&msg.from) {
+        if self.last_seen.len() < PEERS_TRACKED_MAX || self.last_seen.contains_key(&msg.from) {
             self.last_seen.insert(msg.from.clone(), Instant::now());
         }
         self.paxos.step(msg);
