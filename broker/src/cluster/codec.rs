@@ -195,7 +195,10 @@ impl Writer {
                 self.u8(11);
                 self.bytes(data);
             }
-            Body::Join => self.u8(12),
+            Body::Join { hops } => {
+                self.u8(12);
+                self.u8(*hops);
+            }
             Body::JoinReply { has_config } => {
                 self.u8(13);
                 self.bool(*has_config);
@@ -393,7 +396,7 @@ impl<'a> Reader<'a> {
             11 => Body::Forward {
                 data: self.bytes()?,
             },
-            12 => Body::Join,
+            12 => Body::Join { hops: self.u8()? },
             13 => Body::JoinReply {
                 has_config: self.bool()?,
             },
@@ -482,7 +485,7 @@ mod tests {
             },
             Body::InstallSnapshot { snapshot },
             Body::Forward { data: vec![9; 10] },
-            Body::Join,
+            Body::Join { hops: 1 },
             Body::JoinReply { has_config: true },
             Body::Invite,
         ];

@@ -16,3 +16,5 @@ pub const CATCH_UP_RETRY_TICKS: u64 = 4;
 pub const JOIN_INTERVAL_TICKS: u64 = 5;
 /// Pending joins and invitations a leader keeps.
 pub const JOINS_PENDING_MAX: usize = 64;
+/// Times a `Join` is passed on towards the leader before it is dropped.
+pub const JOIN_HOPS_MAX: u8 = 3;

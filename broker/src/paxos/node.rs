@@ -6,8 +6,9 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use super::Error;
 use super::limits::{
-    CATCH_UP_ENTRIES_MAX, CATCH_UP_RETRY_TICKS, JOIN_INTERVAL_TICKS, JOINS_PENDING_MAX,
-    PROMOTE_LAG_MAX_SLOTS, PROPOSAL_QUEUE_MAX, PROPOSALS_IN_FLIGHT_MAX, RESEND_ENTRIES_MAX,
+    CATCH_UP_ENTRIES_MAX, CATCH_UP_RETRY_TICKS, JOIN_HOPS_MAX, JOIN_INTERVAL_TICKS,
+    JOINS_PENDING_MAX, PROMOTE_LAG_MAX_SLOTS, PROPOSAL_QUEUE_MAX, PROPOSALS_IN_FLIGHT_MAX,
+    RESEND_ENTRIES_MAX,
 };
 use super::rng::SplitMix64;
 use super::types::{
@@ -335,7 +336,10 @@ impl Paxos {
         if msg.to.name != self.id.name || msg.from == self.id {
             return;
         }
-        let discovery = matches!(msg.body, Body::Join | Body::JoinReply { .. } | Body::Invite);
+        let discovery = matches!(
+            msg.body,
+            Body::Join { .. } | Body::JoinReply { .. } | Body::Invite
+        );
         if msg.to.incarnation != self.id.incarnation && !(discovery && msg.to.incarnation == 0) {
             return;
         }
@@ -373,11 +377,11 @@ impl Paxos {
                     let _ = self.propose_value(Value::Command(data));
                 }
             }
-            Body::Join => self.on_join(from),
+            Body::Join { hops } => self.on_join(from, hops),
             Body::JoinReply { has_config } => self.on_join_reply(from, has_config),
             Body::Invite => {
                 if !self.config.as_ref().is_some_and(|c| c.is_member(&self.id)) {
-                    self.send(from, Body::Join);
+                    self.send(from, Body::Join { hops: 0 });
                 }
             }
         }
@@ -590,35 +594,55 @@ impl Paxos {
         {
             self.join_sent = Some(self.now);
             for peer in peers {
-                self.send(NodeId::any(peer), Body::Join);
+                self.send(NodeId::any(peer), Body::Join { hops: 0 });
             }
             if let Some(leader) = self.leader.clone() {
-                self.send(leader, Body::Join);
+                self.send(leader, Body::Join { hops: 0 });
             }
         }
     }
 
-    fn on_join(&mut self, from: NodeId) {
-        let Some(config) = &self.config else {
-            self.send(from, Body::JoinReply { has_config: false });
+    fn on_join(&mut self, from: NodeId, hops: u8) {
+        let Some(config) = self.config.clone() else {
+            if hops == 0 {
+                self.send(from, Body::JoinReply { has_config: false });
+            }
             return;
         };
         if from.incarnation == 0 || config.is_member(&from) {
             return;
         }
-        self.send(from.clone(), Body::JoinReply { has_config: true });
+        if hops == 0 {
+            self.send(from.clone(), Body::JoinReply { has_config: true });
+        }
         if let Some(l) = self.leadership.as_mut().filter(|l| l.established) {
             if from.name != self.id.name
                 && (l.joins.len() < JOINS_PENDING_MAX || l.joins.contains_key(&from.name))
             {
                 l.joins.insert(from.name.clone(), from);
             }
-        } else if let Some(leader) = self.leader.clone().filter(|l| *l != self.id) {
-            // Forwarded on the joiner's behalf: the leader may not know its address.
+            return;
+        }
+        if hops >= JOIN_HOPS_MAX {
+            return;
+        }
+        // Passed on towards the leader on the joiner's behalf (the joiner's
+        // seed list may name only nodes that left). Without a known leader,
+        // every voter this node knows of gets it.
+        let targets: Vec<NodeId> = match self.leader.clone().filter(|l| *l != self.id) {
+            Some(leader) => vec![leader],
+            None => config
+                .voters
+                .iter()
+                .filter(|v| **v != self.id && **v != from)
+                .cloned()
+                .collect(),
+        };
+        for to in targets {
             self.out_messages.push(Message {
-                from,
-                to: leader,
-                body: Body::Join,
+                from: from.clone(),
+                to,
+                body: Body::Join { hops: hops + 1 },
             });
         }
     }
@@ -790,9 +814,7 @@ impl Paxos {
         if decided > self.decided {
             // The acceptor knows decisions this node does not: learn them
             // first rather than lead with a stale configuration.
-            self.step_down();
-            self.known_decided = self.known_decided.max(decided);
-            self.request_catch_up(from);
+            self.fall_behind(from, decided);
             return;
         }
         p.promises.insert(from, entries);
@@ -1023,6 +1045,10 @@ impl Paxos {
         let progress = l.progress.entry(from.clone()).or_default();
         progress.decided = progress.decided.max(decided);
         progress.heard_tick = now;
+        if decided > self.decided {
+            self.fall_behind(from, decided);
+            return;
+        }
         if !self.config.as_ref().is_some_and(|c| c.is_voter(&from)) {
             return;
         }
@@ -1441,10 +1467,23 @@ impl Paxos {
             .as_mut()
             .filter(|l| l.established && l.ballot == ballot)
         {
-            let progress = l.progress.entry(from).or_default();
+            let progress = l.progress.entry(from.clone()).or_default();
             progress.decided = decided;
             progress.heard_tick = now;
+            if decided > self.decided {
+                self.fall_behind(from, decided);
+            }
         }
+    }
+
+    /// A member decided slots this leader has not: they were decided under
+    /// an earlier leader, and the member may have compacted them, so it can
+    /// no longer vote for them. A leader never learns decisions from others,
+    /// so it steps down, catches up as a follower, and may stand again.
+    fn fall_behind(&mut self, ahead: NodeId, decided: u64) {
+        self.step_down();
+        self.known_decided = self.known_decided.max(decided);
+        self.request_catch_up(ahead);
     }
 
     fn on_reject(&mut self, promised: Ballot) {

@@ -334,6 +334,9 @@ impl Sim {
             let Some(i) = self.nodes.iter().position(|n| n.id.name == msg.to.name) else {
                 continue;
             };
+            if self.trace && std::env::var("PAXOS_SIM_TRACE_MESSAGES").is_ok() {
+                eprintln!("[seed {} t={}] deliver {msg:?}", self.seed, self.now);
+            }
             if let Some(paxos) = self.nodes[i].paxos.as_mut() {
                 paxos.step(msg);
                 self.process_ready(i);
@@ -806,10 +809,16 @@ fn run_seeds(n_nodes: usize) {
                 wipes += w;
                 changes += c;
             }
-            Err(_) => panic!(
-                "simulation failed for seed {seed} with {n_nodes} nodes; replay with \
-                 SEED={seed} cargo test -p synod-broker --lib paxos::sim::tests::simulate_{n_nodes}_nodes"
-            ),
+            Err(_) => {
+                let ticks = env_u64("PAXOS_SIM_FAULT_TICKS")
+                    .map(|t| format!("PAXOS_SIM_FAULT_TICKS={t} "))
+                    .unwrap_or_default();
+                panic!(
+                    "simulation failed for seed {seed} with {n_nodes} nodes; replay with \
+                     {ticks}SEED={seed} cargo test -p synod-broker --lib \
+                     paxos::sim::tests::simulate_{n_nodes}_nodes -- --nocapture"
+                )
+            }
         }
     }
     // The faults the suite claims to cover must actually have happened.

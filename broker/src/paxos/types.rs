@@ -320,7 +320,10 @@ pub enum Body {
         data: Vec<u8>,
     },
     /// A node outside the configuration asks to be added.
-    Join,
+    Join {
+        /// Times this request was passed on towards the leader.
+        hops: u8,
+    },
     /// Reply to `Join`: whether the replier belongs to a cluster.
     JoinReply {
         /// True when the replier has a configuration.
@@ -345,7 +348,7 @@ impl Body {
             Body::CatchUp { .. } => "catch_up",
             Body::InstallSnapshot { .. } => "install_snapshot",
             Body::Forward { .. } => "forward",
-            Body::Join => "join",
+            Body::Join { .. } => "join",
             Body::JoinReply { .. } => "join_reply",
             Body::Invite => "invite",
         }
