@@ -1499,7 +1499,7 @@ impl Paxos {
         }
     }
 
-    // ----- Helpers -----
+    // ----- Utilities -----
 
     fn leader_is_alive(&self) -> bool {
         if self.is_leader() {

@@ -1,4 +1,4 @@
-//! Helpers for the cluster integration tests: nodes on loopback with their
+//! Support code for the cluster integration tests: nodes on loopback with their
 //! own temporary data directories, and waiting on conditions with deadlines.
 #![allow(dead_code)]
 
