@@ -51,12 +51,7 @@ async fn members_join_leave_and_return_after_disk_loss() {
     }
     for name in ["n4", "n5"] {
         add_node(&mut nodes, name).await;
-        let l = leader(&nodes).await;
-        nodes[l]
-            .node()
-            .add_member(name)
-            .await
-            .expect("becomes a voter");
+        cluster_support::change_on_leader(&nodes, name, true).await;
     }
     {
         let all: Vec<_> = nodes.iter().collect();
@@ -65,8 +60,7 @@ async fn members_join_leave_and_return_after_disk_loss() {
         assert_eq!(nodes[0].metrics.cluster_members.get(), 5);
     }
     for name in ["n1", "n2"] {
-        let l = leader(&nodes).await;
-        nodes[l].node().remove_member(name).await.expect("removed");
+        cluster_support::change_on_leader(&nodes, name, false).await;
         let index = nodes.iter().position(|n| n.name == name).expect("known");
         // Wait for the survivors to agree before the next change, since the
         // removed node may have been the leader.

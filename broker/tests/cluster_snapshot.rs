@@ -58,11 +58,7 @@ async fn a_joining_node_catches_up_from_a_snapshot() {
         metrics: Metrics::new(),
     };
     joiner.start_on(listener).await;
-    nodes[leader]
-        .node()
-        .add_member("s4")
-        .await
-        .expect("s4 becomes a voter");
+    cluster_support::change_on_leader(&nodes, "s4", true).await;
     let expected_snapshot = Applied::Snapshot {
         index,
         data: format!("state@{index}").into_bytes(),

@@ -19,8 +19,8 @@
 //! all seed-list nodes must be up for the very first start; afterwards a
 //! node whose disk was wiped hears that a cluster exists and joins it).
 //! Everyone else is added by the leader: as a learner, then as a voter once
-//! caught up. A node added later only needs some current members in its seed
-//! list. A node that lost its disk comes back with a new incarnation: the
+//! caught up. A node added later needs in its seed list some node that is, or
+//! was, a member: requests to join are passed on towards the leader. A node that lost its disk comes back with a new incarnation: the
 //! leader removes the old incarnation, then adds the new one. A removed node
 //! stays out until `add_member` invites it again.
 //!

@@ -53,7 +53,9 @@
 //! produce: any message may be lost, duplicated, delayed or reordered
 //! (the network is a random multiset); any node may stop at any point between
 //! `ready()` calls, losing any suffix of the writes not yet synced; any node
-//! may lose its disk; partitions are arbitrary directed cuts; membership
+//! may lose its disk (one at a time, once every member
+//! knows every decision: losing the only copy of a decision is data loss no
+//! protocol survives); partitions are arbitrary directed cuts; membership
 //! changes and proposals arrive at random times. Safety properties are
 //! checked after every event against a global record kept outside the nodes
 //! (the first decision of each slot, and every durable acceptance), so a

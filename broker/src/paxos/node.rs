@@ -628,14 +628,16 @@ impl Paxos {
         }
         // Passed on towards the leader on the joiner's behalf (the joiner's
         // seed list may name only nodes that left). Without a known leader,
-        // every voter this node knows of gets it.
+        // every voter this node knows of gets it, by name: this node's
+        // configuration may be old, and whoever runs under the name now may
+        // know the leader.
         let targets: Vec<NodeId> = match self.leader.clone().filter(|l| *l != self.id) {
             Some(leader) => vec![leader],
             None => config
                 .voters
                 .iter()
-                .filter(|v| **v != self.id && **v != from)
-                .cloned()
+                .filter(|v| v.name != self.id.name && v.name != from.name)
+                .map(|v| NodeId::any(v.name.clone()))
                 .collect(),
         };
         for to in targets {
@@ -1497,7 +1499,7 @@ impl Paxos {
         }
     }
 
-    // ----- Helpers -----
+    // ----- Utilities -----
 
     fn leader_is_alive(&self) -> bool {
         if self.is_leader() {

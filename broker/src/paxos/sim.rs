@@ -581,6 +581,19 @@ impl Sim {
             && current.iter().all(|id| config.is_voter(id))
     }
 
+    /// Every member runs and knows every decision. A disk may be lost only
+    /// then: a decision known to the lost disk alone (say, the promotion that
+    /// made a two-voter configuration a three-voter one) would leave the
+    /// others in a configuration where the loss costs the quorum, which is
+    /// data loss beyond the failures Paxos tolerates, not a protocol fault.
+    fn caught_up(&self) -> bool {
+        let decided = self.truth.len() as u64;
+        self.nodes
+            .iter()
+            .filter(|n| !self.retired(n))
+            .all(|n| n.paxos.as_ref().is_some_and(|p| p.decided() >= decided))
+    }
+
     fn probe_done(&mut self) -> bool {
         if !self.settled() {
             return false;
@@ -661,6 +674,7 @@ impl Sim {
         if self.rng.chance(rates.wipe_ppm)
             && no_retiring
             && self.settled()
+            && self.caught_up()
             && self
                 .truth_config
                 .as_ref()

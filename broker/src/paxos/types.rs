@@ -1,6 +1,6 @@
 //! Data types of the Paxos module: identities, ballots, log values,
 //! configurations, messages and the `Ready` batch. Plain data; no behaviour
-//! beyond small pure helpers, and no I/O.
+//! beyond small pure functions, and no I/O.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;

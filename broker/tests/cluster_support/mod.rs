@@ -1,4 +1,4 @@
-//! Helpers for the cluster integration tests: nodes on loopback with their
+//! Support code for the cluster integration tests: nodes on loopback with their
 //! own temporary data directories, and waiting on conditions with deadlines.
 #![allow(dead_code)]
 
@@ -199,5 +199,28 @@ pub async fn cleanup(nodes: Vec<TestNode>) {
     for mut node in nodes {
         node.stop().await;
         std::fs::remove_dir_all(&node.dir).ok();
+    }
+}
+
+/// Runs a membership change on whichever node leads, retrying while
+/// leadership moves (a loaded machine can delay heartbeats past a timeout).
+pub async fn change_on_leader(nodes: &[TestNode], name: &str, add: bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let result = match leader_index(nodes) {
+            Some(l) if add => nodes[l].node().add_member(name).await.map(|_| ()),
+            Some(l) => nodes[l].node().remove_member(name).await.map(|_| ()),
+            None => Err(synod_broker::cluster::Error::NoQuorum),
+        };
+        match result {
+            Ok(()) => return,
+            // Already gone: an earlier attempt was decided after all.
+            Err(synod_broker::cluster::Error::UnknownMember(_)) if !add => return,
+            Err(err) if Instant::now() < deadline => {
+                eprintln!("retrying membership change for {name}: {err}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(err) => panic!("membership change for {name} failed: {err}"),
+        }
     }
 }
