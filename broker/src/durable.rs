@@ -11,7 +11,7 @@
 //! the broker's memory watermark (`connection.blocked`) is what bounds it.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::{File, OpenOptions, TryLockError};
+use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -128,20 +128,18 @@ impl Durable {
                 path: data_dir.to_path_buf(),
                 source,
             })?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(TryLockError::WouldBlock) => {
-                return Err(Error::Locked {
+        lock_exclusive(&lock).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::WouldBlock {
+                Error::Locked {
                     path: data_dir.to_path_buf(),
-                });
-            }
-            Err(TryLockError::Error(source)) => {
-                return Err(Error::Lock {
+                }
+            } else {
+                Error::Lock {
                     path: data_dir.to_path_buf(),
                     source,
-                });
+                }
             }
-        }
+        })?;
         let dir = data_dir.join(STORE_DIR_NAME);
         let (store, recovered) = Store::open(
             &dir,
@@ -465,6 +463,21 @@ fn parse_queue_key(key: &str) -> Option<(&str, &str)> {
         return None;
     }
     Some(rest.split_at(len))
+}
+
+/// Takes an exclusive, non-blocking `flock` on `file`: held until the file is
+/// closed, which the kernel does even when the process is killed.
+/// `WouldBlock` when another process holds it.
+fn lock_exclusive(file: &File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock only reads the descriptor, which `file` keeps open for
+    // the duration of the call.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 fn now_ms() -> u64 {
