@@ -11,7 +11,7 @@
 //! the broker's memory watermark (`connection.blocked`) is what bounds it.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::{File, OpenOptions, TryLockError};
+use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -115,6 +115,15 @@ impl Durable {
         data_dir: &Path,
         metrics: &crate::metrics::Metrics,
     ) -> Result<(Arc<Durable>, Recovered), Error> {
+        Durable::open_with_backend(data_dir, Arc::new(store::backend::FsBackend), metrics)
+    }
+
+    /// [`Durable::open`] over another file backend (fault injection in tests).
+    pub fn open_with_backend(
+        data_dir: &Path,
+        backend: Arc<dyn store::backend::Backend>,
+        metrics: &crate::metrics::Metrics,
+    ) -> Result<(Arc<Durable>, Recovered), Error> {
         std::fs::create_dir_all(data_dir).map_err(|source| Error::Lock {
             path: data_dir.to_path_buf(),
             source,
@@ -128,25 +137,23 @@ impl Durable {
                 path: data_dir.to_path_buf(),
                 source,
             })?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(TryLockError::WouldBlock) => {
-                return Err(Error::Locked {
+        lock_exclusive(&lock).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::WouldBlock {
+                Error::Locked {
                     path: data_dir.to_path_buf(),
-                });
-            }
-            Err(TryLockError::Error(source)) => {
-                return Err(Error::Lock {
+                }
+            } else {
+                Error::Lock {
                     path: data_dir.to_path_buf(),
                     source,
-                });
+                }
             }
-        }
+        })?;
         let dir = data_dir.join(STORE_DIR_NAME);
         let (store, recovered) = Store::open(
             &dir,
             StoreOptions::default(),
-            Arc::new(store::backend::FsBackend),
+            backend,
             StoreMetrics::from_metrics(metrics),
         )?;
         for (path, offset) in &recovered.truncated_tails {
@@ -467,6 +474,21 @@ fn parse_queue_key(key: &str) -> Option<(&str, &str)> {
     Some(rest.split_at(len))
 }
 
+/// Takes an exclusive, non-blocking `flock` on `file`: held until the file is
+/// closed, which the kernel does even when the process is killed.
+/// `WouldBlock` when another process holds it.
+fn lock_exclusive(file: &File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock only reads the descriptor, which `file` keeps open for
+    // the duration of the call.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -705,5 +727,160 @@ mod tests {
         assert!(decoded.is_persistent());
         assert_eq!(&decoded.body[..], b"body");
         assert!(decode_message(&[0, 9, 1], Vec::new()).is_none());
+    }
+
+    fn temp_dir(label: &str) -> PathBuf {
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .expect("clock after 1970")
+            .as_nanos();
+        std::env::temp_dir().join(format!(
+            "synod-durable-{label}-{}-{nanos}",
+            std::process::id()
+        ))
+    }
+
+    fn open_broker(dir: &Path) -> (Arc<Broker>, Arc<Durable>) {
+        let metrics = crate::metrics::Metrics::new();
+        let (durable, recovered) = Durable::open(dir, &metrics).expect("open");
+        let broker = Broker::new(crate::broker::Settings::new("n"), metrics);
+        durable.restore(&broker, recovered).expect("restore");
+        (broker, durable)
+    }
+
+    fn queue_def(name: &str, durable: bool) -> QueueDef {
+        QueueDef {
+            name: name.into(),
+            durable,
+            exclusive_owner: None,
+            auto_delete: false,
+            arguments: Default::default(),
+            home_node: "n".into(),
+        }
+    }
+
+    #[test]
+    fn vhosts_users_and_permissions_survive_reopen_and_deleted_guest_stays_deleted() {
+        // Goal: the snapshot restores vhosts, users, permissions and queues, and removes bootstrap entities it lacks.
+        let dir = temp_dir("meta");
+        {
+            let (broker, durable) = open_broker(&dir);
+            let commands = [
+                Command::AddVhost { name: "v2".into() },
+                Command::PutUser {
+                    name: "alice".into(),
+                    password_hash: crate::auth::hash_password("pw"),
+                    tags: vec!["management".into()],
+                },
+                Command::SetPermissions {
+                    vhost: "v2".into(),
+                    user: "alice".into(),
+                    configure: "".into(),
+                    write: "x.*".into(),
+                    read: ".*".into(),
+                },
+                Command::DeleteUser {
+                    name: "guest".into(),
+                },
+                Command::DeclareQueue {
+                    vhost: "v2".into(),
+                    queue: queue_def("kept", true),
+                },
+                Command::DeclareQueue {
+                    vhost: "v2".into(),
+                    queue: queue_def("lost", false),
+                },
+            ];
+            for command in commands {
+                broker.execute(command).expect("applies");
+            }
+            durable.close();
+        }
+        let (broker, durable) = open_broker(&dir);
+        assert_eq!(broker.list_vhosts(), ["/", "v2"]);
+        let users: Vec<String> = broker.list_users().into_iter().map(|u| u.name).collect();
+        assert_eq!(users, ["alice"]);
+        let permissions = broker.list_permissions();
+        assert_eq!(permissions.len(), 1);
+        assert_eq!(permissions[0].2.write, "x.*");
+        assert!(broker.queue("v2", "kept").is_some());
+        assert!(broker.queue("v2", "lost").is_none());
+        durable.close();
+        drop(durable);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_full_disk_nacks_persistent_publishes_raises_the_alarm_and_recovers() {
+        // Goal: ENOSPC turns into a nack and a publisher block that clears by itself once space returns.
+        let dir = temp_dir("full");
+        let backend = store::backend::FaultyBackend::new();
+        let faults = backend.faults();
+        let metrics = crate::metrics::Metrics::new();
+        let (durable, recovered) =
+            Durable::open_with_backend(&dir, Arc::new(backend), &metrics).expect("open");
+        let broker = Broker::new(crate::broker::Settings::new("n"), metrics);
+        durable.restore(&broker, recovered).expect("restore");
+        broker
+            .execute(Command::DeclareQueue {
+                vhost: "/".into(),
+                queue: queue_def("q", true),
+            })
+            .expect("declare");
+        let properties =
+            amq_protocol::protocol::basic::AMQPProperties::default().with_delivery_mode(2);
+        let message = Arc::new(Message {
+            exchange: String::new(),
+            routing_key: "q".into(),
+            properties_raw: crate::protocol::encode_properties(&properties),
+            properties,
+            body: Bytes::from(vec![7u8; 4096]),
+        });
+        faults.set_space_left_bytes(Some(100));
+        let mut tickets = Vec::new();
+        broker
+            .publish_durable("/", message.clone(), &mut tickets)
+            .expect("routed");
+        assert_eq!(tickets.len(), 1);
+        let (outbound, mut inbox) = mpsc::unbounded_channel();
+        let waiter = ConfirmWaiter::start(Some(durable.clone()), outbound);
+        let channel = Arc::new(crate::broker::ChannelInfo::default());
+        waiter.submit(channel, 1, tickets, false);
+        let Some(Outbound::Confirmed { seq, ok, .. }) =
+            tokio::time::timeout(Duration::from_secs(10), inbox.recv())
+                .await
+                .expect("in time")
+        else {
+            panic!("no confirm");
+        };
+        assert_eq!((seq, ok), (1, false), "a write that hit ENOSPC is nacked");
+        let mut alarm = broker.memory_alarm();
+        broker.tick();
+        assert!(
+            *alarm.borrow_and_update(),
+            "the disk alarm blocks publishers"
+        );
+        faults.set_space_left_bytes(None);
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                broker.tick();
+                if !*alarm.borrow_and_update() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .expect("the alarm clears once space returns");
+        let mut tickets = Vec::new();
+        broker
+            .publish_durable("/", message, &mut tickets)
+            .expect("routed");
+        for ticket in tickets {
+            ticket.await.expect("durable again");
+        }
+        durable.close();
+        drop(durable);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

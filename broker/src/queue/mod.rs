@@ -427,7 +427,11 @@ impl Queue {
                 break;
             };
             let consumer = &state.consumers[index];
-            self.delivered(&entry, consumer.no_ack);
+            let store_id = entry.store_id;
+            // Marked before the send so that an ack's removal always follows it.
+            if !consumer.no_ack {
+                self.delivered(store_id, false);
+            }
             if !consumer.no_ack {
                 consumer.credit.in_flight.fetch_add(1, Ordering::Relaxed);
                 consumer
@@ -447,6 +451,10 @@ impl Queue {
             consumer.backlog.pending.fetch_add(1, Ordering::SeqCst);
             match consumer.sender.send(Outbound::Deliver(delivery)) {
                 Ok(()) => {
+                    // A no-ack delivery is gone only once it is really handed over.
+                    if consumer.no_ack {
+                        self.delivered(store_id, true);
+                    }
                     self.metrics.messages_delivered_total.inc();
                     if redelivered {
                         self.metrics.messages_redelivered_total.inc();
@@ -490,7 +498,7 @@ impl Queue {
         state.last_used = now;
         self.drop_expired_head(&mut state, now, dead);
         let entry = self.pop_ready(&mut state)?;
-        self.delivered(&entry, no_ack);
+        self.delivered(entry.store_id, no_ack);
         if !no_ack {
             state.n_unacked += 1;
         }
@@ -685,11 +693,15 @@ impl Queue {
         }
     }
 
-    fn delivered(&self, entry: &Entry, no_ack: bool) {
-        if no_ack {
-            self.forget(entry);
-        } else if let (Some(log), Some(id)) = (self.log.get(), entry.store_id) {
-            log.delivered(id);
+    /// A delivery left for a consumer: no-ack ones are gone for good, the
+    /// others come back redelivered after a restart.
+    fn delivered(&self, store_id: Option<crate::store::MessageId>, no_ack: bool) {
+        if let (Some(log), Some(id)) = (self.log.get(), store_id) {
+            if no_ack {
+                log.remove(id);
+            } else {
+                log.delivered(id);
+            }
         }
     }
 
