@@ -49,7 +49,12 @@ fn body(generation: u32, writer: u32, seq: u64) -> Vec<u8> {
 }
 
 fn parse_body(bytes: &[u8]) -> Option<(u32, u32, u64)> {
-    let prefix_end = bytes.iter().enumerate().filter(|(_, b)| **b == b':').nth(2)?.0;
+    let prefix_end = bytes
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| **b == b':')
+        .nth(2)?
+        .0;
     let header = std::str::from_utf8(&bytes[..prefix_end]).ok()?;
     let mut parts = header.split(':');
     let generation = parts.next()?.parse().ok()?;
@@ -173,7 +178,15 @@ fn confirmed_records_survive_sigkill_exactly_once_in_order() {
             }
             let kill_after_lines = rng.random_range(1..2_000u64);
             let child_seed: u64 = rng.random();
-            run_child_and_kill(&exe, &dir.0, generation, child_seed, kill_after_lines, &mut confirmed, seed);
+            run_child_and_kill(
+                &exe,
+                &dir.0,
+                generation,
+                child_seed,
+                kill_after_lines,
+                &mut confirmed,
+                seed,
+            );
             kills += 1;
             verify(&dir.0, &confirmed, seed, iterations, generation);
         }
@@ -195,7 +208,12 @@ fn run_child_and_kill(
     seed: u64,
 ) {
     let mut child = Command::new(exe)
-        .args(["--exact", "child_process_entry", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "child_process_entry",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(DIR_ENV, dir)
         .env(GENERATION_ENV, generation.to_string())
         .env(SEED_ENV, child_seed.to_string())
@@ -257,8 +275,13 @@ fn run_child_and_kill(
 
 fn verify(dir: &Path, confirmed: &Confirmed, seed: u64, iteration: u32, generation: u32) {
     let context = format!("seed {seed}, directory {iteration}, generation {generation}");
-    let (store, recovered) = Store::open(dir, options(), Arc::new(FsBackend), StoreMetrics::unregistered())
-        .unwrap_or_else(|err| panic!("{context}: reopen failed: {err}"));
+    let (store, recovered) = Store::open(
+        dir,
+        options(),
+        Arc::new(FsBackend),
+        StoreMetrics::unregistered(),
+    )
+    .unwrap_or_else(|err| panic!("{context}: reopen failed: {err}"));
     let mut found: BTreeMap<(u32, u32), Vec<u64>> = BTreeMap::new();
     for (queue, messages) in &recovered.queues {
         for message in messages {
@@ -268,7 +291,10 @@ fn verify(dir: &Path, confirmed: &Confirmed, seed: u64, iteration: u32, generati
             let (g, w, s) = parse_body(&stored.body)
                 .unwrap_or_else(|| panic!("{context}: {queue} holds a body no writer wrote"));
             assert_eq!(queue, &queue_name(g, w), "{context}: body of another queue");
-            assert_eq!(message.enqueued_at_ms, s, "{context}: fields of another record");
+            assert_eq!(
+                message.enqueued_at_ms, s,
+                "{context}: fields of another record"
+            );
             found.entry((g, w)).or_default().push(s);
         }
     }
@@ -286,9 +312,15 @@ fn verify(dir: &Path, confirmed: &Confirmed, seed: u64, iteration: u32, generati
             // A removal submitted but not confirmed may or may not have reached the disk.
             let removal_submitted = seq % 4 != 3;
             if removal_confirmed {
-                assert!(!present.contains(seq), "{context}: writer {key:?} record {seq} came back after its removal was confirmed");
+                assert!(
+                    !present.contains(seq),
+                    "{context}: writer {key:?} record {seq} came back after its removal was confirmed"
+                );
             } else if !removal_submitted {
-                assert!(present.contains(seq), "{context}: writer {key:?} lost confirmed record {seq}");
+                assert!(
+                    present.contains(seq),
+                    "{context}: writer {key:?} lost confirmed record {seq}"
+                );
             }
         }
     }

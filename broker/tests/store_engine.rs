@@ -9,9 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use synod_broker::store::backend::{Backend, FaultyBackend, FsBackend};
-use synod_broker::store::{
-    Error, NewMessage, Recovered, Store, StoreMetrics, StoreOptions,
-};
+use synod_broker::store::{Error, NewMessage, Recovered, Store, StoreMetrics, StoreOptions};
 
 /// A directory removed when the test ends.
 struct TempDir(PathBuf);
@@ -22,10 +20,8 @@ impl TempDir {
             .duration_since(std::time::UNIX_EPOCH)
             .expect("clock after 1970")
             .as_nanos();
-        let path = std::env::temp_dir().join(format!(
-            "synod-store-{name}-{}-{nanos}",
-            std::process::id()
-        ));
+        let path =
+            std::env::temp_dir().join(format!("synod-store-{name}-{}-{nanos}", std::process::id()));
         fs::create_dir_all(&path).expect("create temp dir");
         TempDir(path)
     }
@@ -122,7 +118,10 @@ fn confirmed_messages_survive_reopen_with_order_flags_and_deadlines() {
         for id in ids_a.iter().step_by(2) {
             store.remove("/\u{0}a", *id).wait().expect("durable");
         }
-        store.mark_delivered("/\u{0}b", ids_b[3]).wait().expect("durable");
+        store
+            .mark_delivered("/\u{0}b", ids_b[3])
+            .wait()
+            .expect("durable");
         store.close();
         (ids_a, ids_b)
     };
@@ -130,7 +129,10 @@ fn confirmed_messages_survive_reopen_with_order_flags_and_deadlines() {
     let a = &recovered.queues["/\u{0}a"];
     let expected_a: Vec<u64> = ids_a.iter().copied().skip(1).step_by(2).collect();
     assert_eq!(a.iter().map(|m| m.id).collect::<Vec<_>>(), expected_a);
-    assert!(a.iter().all(|m| !m.redelivered && m.expires_at_ms.is_none()));
+    assert!(
+        a.iter()
+            .all(|m| !m.redelivered && m.expires_at_ms.is_none())
+    );
     let b = &recovered.queues["/\u{0}b"];
     assert_eq!(b.iter().map(|m| m.id).collect::<Vec<_>>(), ids_b);
     for (i, m) in b.iter().enumerate() {
@@ -152,10 +154,16 @@ fn torn_tails_are_truncated_and_startup_continues() {
     // Goal: every way a crash can cut the last batch loses only that batch, is cut off, and is reported.
     type Tear = fn(&Path, u64, u64);
     let table: Vec<(&str, Tear)> = vec![
-        ("cut inside batch header", |p, start, _| set_len(p, start + 7)),
-        ("cut inside records", |p, start, end| set_len(p, (start + end) / 2)),
+        ("cut inside batch header", |p, start, _| {
+            set_len(p, start + 7)
+        }),
+        ("cut inside records", |p, start, end| {
+            set_len(p, (start + end) / 2)
+        }),
         ("cut one byte short", |p, _, end| set_len(p, end - 1)),
-        ("bit flipped in last batch", |p, start, _| flip(p, start + 40)),
+        ("bit flipped in last batch", |p, start, _| {
+            flip(p, start + 40)
+        }),
         ("zeroed last batch", |p, start, end| {
             zero(p, start, end - start)
         }),
@@ -187,8 +195,16 @@ fn torn_tails_are_truncated_and_startup_continues() {
         };
         assert_eq!(read["q"], expected, "case {name}");
         let cut_at = if kept_second { end } else { start };
-        assert_eq!(recovered.truncated_tails, vec![(path.clone(), cut_at)], "case {name}");
-        assert_eq!(fs::metadata(&path).expect("stat").len(), cut_at, "case {name}");
+        assert_eq!(
+            recovered.truncated_tails,
+            vec![(path.clone(), cut_at)],
+            "case {name}"
+        );
+        assert_eq!(
+            fs::metadata(&path).expect("stat").len(),
+            cut_at,
+            "case {name}"
+        );
         // Appending continues after the cut, and a second reopen is clean.
         put(&store, "q", b"third");
         store.close();
@@ -330,8 +346,8 @@ fn a_failed_fsync_fails_its_batch_and_the_store_keeps_working() {
         put(&store, "q", b"after");
         store.close();
     }
-    let (store, recovered) = open_with(&dir.0, StoreOptions::default(), Arc::new(backend))
-        .expect("reopens");
+    let (store, recovered) =
+        open_with(&dir.0, StoreOptions::default(), Arc::new(backend)).expect("reopens");
     assert_eq!(
         bodies(&store, &recovered)["q"],
         vec![b"before".to_vec(), b"after".to_vec()]
@@ -411,8 +427,13 @@ fn compaction_keeps_disk_use_proportional_to_live_messages() {
         ..StoreOptions::default()
     };
     let metrics = StoreMetrics::unregistered();
-    let (store, _) = Store::open(&dir.0, options.clone(), Arc::new(FsBackend), metrics.clone())
-        .expect("opens");
+    let (store, _) = Store::open(
+        &dir.0,
+        options.clone(),
+        Arc::new(FsBackend),
+        metrics.clone(),
+    )
+    .expect("opens");
     let pinned = put(&store, "q", b"long-lived");
     store.mark_delivered("q", pinned).wait().expect("durable");
     let mut kept = BTreeMap::new();
@@ -460,7 +481,10 @@ fn compaction_keeps_disk_use_proportional_to_live_messages() {
     assert!(q[0].redelivered, "the delivered mark survives relocation");
     let ids: Vec<u64> = q[1..].iter().map(|m| m.id).collect();
     assert_eq!(ids, kept.keys().copied().collect::<Vec<_>>());
-    assert_eq!(store.read_message(pinned).expect("readable").body, b"long-lived");
+    assert_eq!(
+        store.read_message(pinned).expect("readable").body,
+        b"long-lived"
+    );
 }
 
 #[test]

@@ -349,10 +349,8 @@ pub fn check_record(bytes: &[u8]) -> Result<Option<usize>, FormatError> {
         return Ok(None);
     }
     let stored = u32_at(bytes, 5);
-    let computed = crc32c::crc32c_append(
-        crc32c::crc32c(&bytes[4..5]),
-        &bytes[RECORD_HEADER_LEN..end],
-    );
+    let computed =
+        crc32c::crc32c_append(crc32c::crc32c(&bytes[4..5]), &bytes[RECORD_HEADER_LEN..end]);
     if stored != computed {
         return Err(FormatError::Checksum { stored, computed });
     }
@@ -551,11 +549,23 @@ mod tests {
         let table: Vec<(&str, Damage, &str)> = vec![
             ("truncated header", |b| b.truncate(5), "incomplete"),
             ("truncated payload", |b| b.truncate(20), "incomplete"),
-            ("flipped body bit", |b| *b.last_mut().expect("non-empty") ^= 1, "checksum"),
+            (
+                "flipped body bit",
+                |b| *b.last_mut().expect("non-empty") ^= 1,
+                "checksum",
+            ),
             ("flipped checksum", |b| b[6] ^= 0x80, "checksum"),
             ("unknown type", |b| b[4] = 9, "type"),
-            ("type changed to remove", |b| b[4] = RECORD_REMOVE, "checksum"),
-            ("huge length", |b| b[0..4].copy_from_slice(&u32::MAX.to_le_bytes()), "too long"),
+            (
+                "type changed to remove",
+                |b| b[4] = RECORD_REMOVE,
+                "checksum",
+            ),
+            (
+                "huge length",
+                |b| b[0..4].copy_from_slice(&u32::MAX.to_le_bytes()),
+                "too long",
+            ),
             ("zeroed", |b| b.iter_mut().for_each(|x| *x = 0), "type"),
         ];
         for (name, damage, expected) in table {
@@ -592,7 +602,10 @@ mod tests {
         );
         let mut bad_magic = bytes;
         bad_magic[0] = b'X';
-        assert_eq!(SegmentHeader::decode(&bad_magic), Err(FormatError::BadMagic));
+        assert_eq!(
+            SegmentHeader::decode(&bad_magic),
+            Err(FormatError::BadMagic)
+        );
         let mut flipped = bytes;
         flipped[20] ^= 1;
         assert!(matches!(

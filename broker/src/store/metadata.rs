@@ -4,10 +4,10 @@
 
 use std::path::Path;
 
+use super::Error;
 use super::backend::{Backend, OpenMode};
 use super::format::{self, FORMAT_VERSION, FormatError, METADATA_HEADER_LEN};
 use super::limits::METADATA_SIZE_MAX;
-use super::Error;
 
 /// File name of the snapshot.
 pub(crate) const METADATA_FILE: &str = "metadata.snapshot";

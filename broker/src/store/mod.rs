@@ -285,7 +285,9 @@ impl Ticket {
     /// Must not be called from inside an async runtime.
     pub fn wait(self) -> Result<(), Error> {
         match self.state {
-            TicketState::Waiting(receiver) => receiver.blocking_recv().unwrap_or(Err(Error::Closed)),
+            TicketState::Waiting(receiver) => {
+                receiver.blocking_recv().unwrap_or(Err(Error::Closed))
+            }
             TicketState::Ready(result) => result.unwrap_or(Err(Error::Closed)),
         }
     }
@@ -435,7 +437,9 @@ impl Shared {
     }
 
     fn pending(&self) -> MutexGuard<'_, Pending> {
-        self.pending.lock().expect("the pending lock is never poisoned")
+        self.pending
+            .lock()
+            .expect("the pending lock is never poisoned")
     }
 
     pub(crate) fn update_bytes_gauge(&self, index: &Index) {

@@ -111,8 +111,15 @@ pub(crate) fn replay(backend: &dyn Backend, dir: &Path) -> Result<Replayed, Erro
     for (i, &id) in ids.iter().enumerate() {
         let is_last = i + 1 == ids.len();
         let path = dir.join(super::segment_file_name(id));
-        let Some((segment, next_seq)) =
-            replay_segment(backend, dir, &path, id, is_last, expected_seq, &mut replayed)?
+        let Some((segment, next_seq)) = replay_segment(
+            backend,
+            dir,
+            &path,
+            id,
+            is_last,
+            expected_seq,
+            &mut replayed,
+        )?
         else {
             continue;
         };
@@ -181,7 +188,10 @@ fn replay_segment(
     if header.segment_id != id {
         return Err(corrupt(
             16,
-            format!("header names segment {} but the file name says {id}", header.segment_id),
+            format!(
+                "header names segment {} but the file name says {id}",
+                header.segment_id
+            ),
         ));
     }
     if let Some(expected) = expected_seq
@@ -215,7 +225,10 @@ fn replay_segment(
                     let record_len = match format::check_record(&body[at..]) {
                         Ok(Some(record_len)) => record_len,
                         Ok(None) => {
-                            return Err(corrupt(offset, "record cut short inside a valid batch".into()));
+                            return Err(corrupt(
+                                offset,
+                                "record cut short inside a valid batch".into(),
+                            ));
                         }
                         Err(err) => return Err(corrupt(offset, err.to_string())),
                     };
@@ -228,7 +241,10 @@ fn replay_segment(
                 if count != batch_header.record_count {
                     return Err(corrupt(
                         pos,
-                        format!("batch holds {count} records, its header says {}", batch_header.record_count),
+                        format!(
+                            "batch holds {count} records, its header says {}",
+                            batch_header.record_count
+                        ),
                     ));
                 }
                 pos = body_start + body.len() as u64;
@@ -238,10 +254,14 @@ fn replay_segment(
             BatchRead::Invalid(why) => Some(why),
         };
         if let Some(why) = torn {
-            if let Some(valid_at) = find_valid_batch(&*file, pos, len, header.salt).map_err(io_error)? {
+            if let Some(valid_at) =
+                find_valid_batch(&*file, pos, len, header.salt).map_err(io_error)?
+            {
                 return Err(corrupt(
                     pos,
-                    format!("{why}, yet a valid batch follows at offset {valid_at}: not a torn write"),
+                    format!(
+                        "{why}, yet a valid batch follows at offset {valid_at}: not a torn write"
+                    ),
                 ));
             }
             tracing::warn!(

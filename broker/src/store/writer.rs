@@ -149,7 +149,10 @@ impl Writer {
         if needs_new_segment {
             self.roll_over()?;
         }
-        let active = self.active.as_mut().expect("roll_over set the active segment");
+        let active = self
+            .active
+            .as_mut()
+            .expect("roll_over set the active segment");
         self.buf.clear();
         self.buf.resize(BATCH_HEADER_LEN, 0);
         let mut offsets = Vec::with_capacity(ops.len());
@@ -277,7 +280,11 @@ impl Writer {
             .filter(|c| c.segment == head_id)
             .map_or(SEGMENT_HEADER_LEN as u64, |c| c.offset);
         if pos >= head_size {
-            tracing::error!(segment = head_id, live = head_live, "compaction scanned a segment and left live records behind; compaction stops");
+            tracing::error!(
+                segment = head_id,
+                live = head_live,
+                "compaction scanned a segment and left live records behind; compaction stops"
+            );
             debug_assert!(false, "live records not found in their segment");
             self.compaction_disabled = true;
             return false;
