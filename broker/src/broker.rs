@@ -360,6 +360,16 @@ impl Broker {
         self.publish_with(vhost, message, &mut Vec::new(), &mut Vec::new())
     }
 
+    /// [`Broker::publish`], pushing the store tickets a confirm must wait for.
+    pub fn publish_durable(
+        &self,
+        vhost: &str,
+        message: Arc<Message>,
+        tickets: &mut Vec<crate::store::Ticket>,
+    ) -> Result<Published, AmqpError> {
+        self.publish_with(vhost, message, &mut Vec::new(), tickets)
+    }
+
     /// [`Broker::publish`] with caller-owned scratch lists, so the hot path
     /// allocates nothing per message for routing; pushes the store tickets a
     /// publisher confirm must wait for.
