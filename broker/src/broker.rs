@@ -195,6 +195,8 @@ pub struct Broker {
     alarm: watch::Sender<bool>,
     /// The durable store, once opened (absent: nothing survives a restart).
     durable: OnceLock<Arc<crate::durable::Durable>>,
+    /// The Paxos cluster member, when started with `--peers`.
+    cluster: OnceLock<Arc<crate::cluster::ClusterNode>>,
 }
 
 /// Bound on dead-letter hops processed for one operation.
@@ -214,6 +216,7 @@ impl Broker {
             memory_bytes: Arc::new(AtomicI64::new(0)),
             alarm,
             durable: OnceLock::new(),
+            cluster: OnceLock::new(),
         };
         let bootstrap = [
             Command::AddVhost { name: "/".into() },
@@ -241,6 +244,17 @@ impl Broker {
     /// Makes topology changes and persistent messages durable from now on.
     pub fn attach_durable(&self, durable: Arc<crate::durable::Durable>) {
         let _ = self.durable.set(durable);
+    }
+
+    /// Joins this broker to a cluster: the management API reports and
+    /// changes membership through `cluster` from now on.
+    pub fn attach_cluster(&self, cluster: Arc<crate::cluster::ClusterNode>) {
+        let _ = self.cluster.set(cluster);
+    }
+
+    /// The cluster member, when the broker runs with `--peers`.
+    pub fn cluster(&self) -> Option<&Arc<crate::cluster::ClusterNode>> {
+        self.cluster.get()
     }
 
     /// The durable store, when the broker has one.

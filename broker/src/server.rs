@@ -31,6 +31,9 @@ pub enum Error {
     /// The data directory could not be opened, locked or restored.
     #[error("{0}")]
     Durable(#[from] crate::durable::Error),
+    /// The cluster member could not start (listener, secret file, Paxos storage).
+    #[error("cluster: {0}")]
+    Cluster(#[from] crate::cluster::Error),
 }
 
 impl Error {
@@ -39,6 +42,7 @@ impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Durable(err) if err.is_incompatible_format() => 2,
+            Error::Cluster(crate::cluster::Error::Secret { .. }) => 2,
             _ => 1,
         }
     }
@@ -68,6 +72,9 @@ impl RunningBroker {
         let _ = self.task.await;
         for task in self.http_tasks {
             let _ = task.await;
+        }
+        if let Some(cluster) = self.broker.cluster() {
+            cluster.stop().await;
         }
         if let Some(durable) = self.broker.durable() {
             durable.close();
@@ -171,14 +178,25 @@ async fn start_inner(
         .identity_info
         .with_label_values(&[config.node_name.as_str(), config.node_name.as_str()])
         .set(1);
-    let durable = if durable {
+    let durable_opened = if durable {
         Some(crate::durable::Durable::open(&config.data_dir, &metrics)?)
     } else {
         None
     };
     let broker = Broker::new(settings, metrics);
-    if let Some((durable, recovered)) = durable {
+    if let Some((durable, recovered)) = durable_opened {
         durable.restore(&broker, recovered)?;
+    }
+    // Paxos state lives in the data directory, so only a durable broker
+    // joins a cluster; an in-memory one stays a single node.
+    if durable
+        && !config.peers.is_empty()
+        && let Err(err) = join_cluster(&broker, &config).await
+    {
+        if let Some(durable) = broker.durable() {
+            durable.close();
+        }
+        return Err(err);
     }
     let listener = TcpListener::bind(config.amqp_listen)
         .await
@@ -205,6 +223,32 @@ async fn start_inner(
         task,
         http_tasks: Vec::new(),
     })
+}
+
+/// Starts this node's Paxos member on `--cluster-listen` with the `--peers`
+/// seed list and attaches it to the broker.
+async fn join_cluster(broker: &Arc<Broker>, config: &Config) -> Result<(), Error> {
+    let cluster_config = crate::cluster::ClusterConfig::from_broker_config(config)?;
+    let (node, mut applied) = crate::cluster::ClusterNode::start(
+        cluster_config,
+        config.cluster_listen,
+        broker.metrics.clone(),
+    )
+    .await?;
+    tracing::info!(
+        "cluster member {} listening on {}",
+        config.node_name,
+        node.local_addr()
+    );
+    // Topology is not yet carried in the log, so decided entries are only
+    // read (the node waits when nobody reads them) and logged.
+    tokio::spawn(async move {
+        while let Some(entry) = applied.recv().await {
+            tracing::debug!(?entry, "decided");
+        }
+    });
+    broker.attach_cluster(Arc::new(node));
+    Ok(())
 }
 
 /// Runs a broker until `shutdown` completes, then drains connections.

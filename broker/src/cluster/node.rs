@@ -166,7 +166,17 @@ pub struct ClusterNode {
     status: watch::Receiver<ClusterStatus>,
     local_addr: SocketAddr,
     shutdown: watch::Sender<bool>,
-    task: JoinHandle<()>,
+    // Behind a mutex so that a node shared by the broker (`Arc`) can still
+    // be stopped and awaited once.
+    task: std::sync::Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for ClusterNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterNode")
+            .field("local_addr", &self.local_addr)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ClusterNode {
@@ -257,7 +267,7 @@ impl ClusterNode {
                 status: status_rx,
                 local_addr,
                 shutdown: shutdown_tx,
-                task,
+                task: std::sync::Mutex::new(Some(task)),
             },
             applied_rx,
         ))
@@ -318,8 +328,20 @@ impl ClusterNode {
 
     /// Stops the node: closes its listener and connections and waits for its task.
     pub async fn shutdown(self) {
+        self.stop().await;
+    }
+
+    /// Stops the node through a shared reference; later calls return at once.
+    pub async fn stop(&self) {
         let _ = self.shutdown.send(true);
-        let _ = self.task.await;
+        let task = self
+            .task
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
     }
 }
 

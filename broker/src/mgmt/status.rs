@@ -6,16 +6,16 @@
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 
 use crate::broker::ConnectionHandle;
 use crate::mgmt::api::{
-    ChannelInfo, ConnectionDetails, ConnectionInfo, HealthCheck, MessageStats, NodeInfo,
+    ChannelInfo, ConnectionDetails, ConnectionInfo, HealthCheck, MemberAdd, MessageStats, NodeInfo,
     ObjectTotals, Overview, QueueTotals,
 };
 use crate::mgmt::auth::Caller;
-use crate::mgmt::{AppState, Error, cluster};
+use crate::mgmt::{AppState, Error, JsonBody, cluster};
 
 /// Version of the management API shape this module follows.
 const MANAGEMENT_VERSION: &str = "3.13.0";
@@ -34,6 +34,8 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/api/health/checks/alarms", get(alarms))
         .route("/api/cluster", get(cluster_status))
         .route("/api/cluster/ready", get(cluster_ready))
+        .route("/api/cluster/members", post(add_member))
+        .route("/api/cluster/members/{node}", delete(remove_member))
 }
 
 fn gauge(value: i64) -> u64 {
@@ -282,4 +284,31 @@ async fn cluster_ready(State(state): State<AppState>) -> Response {
         Error::Unavailable("not a caught-up member of the agreed configuration".into())
             .into_response()
     }
+}
+
+/// Administrators only. The node must be running with this cluster in its
+/// seed list (`address` is where it listens; the seed list, not this
+/// request, tells the cluster how to reach it). 201 once it votes.
+async fn add_member(
+    State(state): State<AppState>,
+    caller: Caller,
+    JsonBody(body): JsonBody<MemberAdd>,
+) -> Result<Response, Error> {
+    caller.require_administrator()?;
+    if body.name.is_empty() {
+        return Err(Error::BadRequest("name: must not be empty".into()));
+    }
+    cluster::add_member(&state.broker, &body.name).await?;
+    Ok((StatusCode::CREATED, Json(cluster::status(&state.broker))).into_response())
+}
+
+/// Administrators only. 204 once the removal is decided.
+async fn remove_member(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(node): Path<String>,
+) -> Result<StatusCode, Error> {
+    caller.require_administrator()?;
+    cluster::remove_member(&state.broker, &node).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
