@@ -382,6 +382,12 @@ impl Paxos {
             Body::Invite => {
                 if !self.config.as_ref().is_some_and(|c| c.is_member(&self.id)) {
                     self.send(from, Body::Join { hops: 0 });
+                } else {
+                    // Only a leader whose configuration lacks this node
+                    // invites it, so ours is stale: a removed node hears no
+                    // more commits. Learning the decided entries (its
+                    // removal among them) lets it answer the next invite.
+                    self.request_catch_up(from);
                 }
             }
         }
