@@ -40,7 +40,24 @@ struct Node {
     base: String,
 }
 
+/// Starts the brokers; the cluster ports are picked free then released, so
+/// another test may take one first: then everything is stopped and started
+/// again on other ports (each attempt in fresh data directories).
 async fn start_cluster(names: &[&str], root: &std::path::Path) -> Vec<Node> {
+    for attempt in 0..5 {
+        match try_start_cluster(names, &root.join(format!("attempt-{attempt}"))).await {
+            Ok(nodes) => return nodes,
+            Err(err) => eprintln!("cluster start attempt {attempt} failed: {err}"),
+        }
+    }
+    panic!("the cluster did not start in 5 attempts");
+}
+
+async fn try_start_cluster(
+    names: &[&str],
+    root: &std::path::Path,
+) -> Result<Vec<Node>, server::Error> {
+    std::fs::create_dir_all(root).expect("create attempt dir");
     let secret = root.join("secret");
     std::fs::write(&secret, SECRET).expect("write secret");
     let ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
@@ -74,9 +91,13 @@ async fn start_cluster(names: &[&str], root: &std::path::Path) -> Vec<Node> {
             secret.to_str().expect("utf-8 path"),
         ];
         let config = Config::from_args(Args::try_parse_from(argv).expect("flags")).expect("config");
-        let broker = server::start_durable_serving(config, None)
-            .await
-            .expect("broker starts");
+        let broker = match server::start_durable_serving(config, None).await {
+            Ok(broker) => broker,
+            Err(err) => {
+                shutdown(nodes).await;
+                return Err(err);
+            }
+        };
         let base = format!("http://{}", broker.mgmt_addr.expect("mgmt listener"));
         nodes.push(Node {
             name: name.to_string(),
@@ -84,7 +105,7 @@ async fn start_cluster(names: &[&str], root: &std::path::Path) -> Vec<Node> {
             base,
         });
     }
-    nodes
+    Ok(nodes)
 }
 
 fn client() -> reqwest::Client {

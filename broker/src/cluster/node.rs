@@ -166,9 +166,9 @@ pub struct ClusterNode {
     status: watch::Receiver<ClusterStatus>,
     local_addr: SocketAddr,
     shutdown: watch::Sender<bool>,
-    // Behind a mutex so that a node shared by the broker (`Arc`) can still
-    // be stopped and awaited once.
-    task: std::sync::Mutex<Option<JoinHandle<()>>>,
+    // The driver and the listener. Behind a mutex so that a node shared by
+    // the broker (`Arc`) can still be stopped and awaited once.
+    tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for ClusterNode {
@@ -225,7 +225,8 @@ impl ClusterNode {
             shutdown_rx.clone(),
         );
         let (inbox_tx, inbox_rx) = mpsc::channel(INBOX_MESSAGES_MAX);
-        transport.listen(listener, inbox_tx);
+        // Awaited on stop, so that the port is free once `stop` returns.
+        let listen_task = transport.listen(listener, inbox_tx);
         let (applied_tx, applied_rx) = mpsc::channel(APPLIED_QUEUE_MAX);
         // The application restores the stored snapshot; entries after it
         // are delivered again by the first Ready.
@@ -267,7 +268,7 @@ impl ClusterNode {
                 status: status_rx,
                 local_addr,
                 shutdown: shutdown_tx,
-                task: std::sync::Mutex::new(Some(task)),
+                tasks: std::sync::Mutex::new(vec![task, listen_task]),
             },
             applied_rx,
         ))
@@ -326,7 +327,8 @@ impl ClusterNode {
             .await
     }
 
-    /// Stops the node: closes its listener and connections and waits for its task.
+    /// Stops the node: closes its listener and connections and waits for
+    /// its driver and listener tasks.
     pub async fn shutdown(self) {
         self.stop().await;
     }
@@ -334,12 +336,13 @@ impl ClusterNode {
     /// Stops the node through a shared reference; later calls return at once.
     pub async fn stop(&self) {
         let _ = self.shutdown.send(true);
-        let task = self
-            .task
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .take();
-        if let Some(task) = task {
+        let tasks = std::mem::take(
+            &mut *self
+                .tasks
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        );
+        for task in tasks {
             let _ = task.await;
         }
     }

@@ -167,7 +167,11 @@ impl Transport {
     }
 
     /// Starts accepting connections on `listener`, delivering messages to `inbox`.
-    pub fn listen(&self, listener: TcpListener, inbox: mpsc::Sender<Message>) {
+    pub fn listen(
+        &self,
+        listener: TcpListener,
+        inbox: mpsc::Sender<Message>,
+    ) -> tokio::task::JoinHandle<()> {
         let inner = self.inner.clone();
         tokio::spawn(async move {
             let permits = Arc::new(Semaphore::new(INBOUND_CONNECTIONS_MAX));
@@ -198,7 +202,7 @@ impl Transport {
                     }
                 });
             }
-        });
+        })
     }
 }
 
