@@ -36,6 +36,7 @@ fn free_port() -> u16 {
 
 struct Node {
     name: String,
+    config: Config,
     broker: RunningBroker,
     base: String,
 }
@@ -91,7 +92,7 @@ async fn try_start_cluster(
             secret.to_str().expect("utf-8 path"),
         ];
         let config = Config::from_args(Args::try_parse_from(argv).expect("flags")).expect("config");
-        let broker = match server::start_durable_serving(config, None).await {
+        let broker = match server::start_durable_serving(config.clone(), None).await {
             Ok(broker) => broker,
             Err(err) => {
                 shutdown(nodes).await;
@@ -101,6 +102,7 @@ async fn try_start_cluster(
         let base = format!("http://{}", broker.mgmt_addr.expect("mgmt listener"));
         nodes.push(Node {
             name: name.to_string(),
+            config,
             broker,
             base,
         });
@@ -154,6 +156,16 @@ fn voters_and_leader(view: &Value) -> (Vec<String>, Option<String>) {
 /// Waits until every node in `nodes` is ready and reports exactly `voters`
 /// as voters and the same leader; returns that leader.
 async fn wait_agreed(http: &reqwest::Client, nodes: &[&Node], voters: &[&str]) -> String {
+    wait_agreed_without(http, nodes, voters, None).await
+}
+
+/// [`wait_agreed`] on a leader other than `not_leader`.
+async fn wait_agreed_without(
+    http: &reqwest::Client,
+    nodes: &[&Node],
+    voters: &[&str],
+    not_leader: Option<&str>,
+) -> String {
     let deadline = Instant::now() + WAIT;
     let mut last = Vec::new();
     loop {
@@ -164,7 +176,8 @@ async fn wait_agreed(http: &reqwest::Client, nodes: &[&Node], voters: &[&str]) -
             let view = cluster_view(http, node).await.unwrap_or(Value::Null);
             let (seen, leader) = voters_and_leader(&view);
             let is_ready = ready(http, node).await == Some(StatusCode::OK);
-            agreed &= is_ready && seen == voters && leader.is_some();
+            agreed &=
+                is_ready && seen == voters && leader.is_some() && leader.as_deref() != not_leader;
             leaders.push(leader);
             last.push((node.name.clone(), is_ready, view));
         }
@@ -187,7 +200,7 @@ async fn shutdown(nodes: Vec<Node>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn brokers_with_peers_agree_and_change_membership_through_the_api() {
-    // Goal: three brokers started with the same --peers agree on three voters and one leader; DELETE and POST /api/cluster/members change that for every node.
+    // Goal: three brokers started with the same --peers agree on three voters and one leader; DELETE and POST /api/cluster/members change that for every node; a stopped leader is replaced and, restarted, rejoins.
     let root = temp_dir("three");
     let nodes = start_cluster(&["a", "b", "c"], &root).await;
     let http = client();
@@ -284,6 +297,32 @@ async fn brokers_with_peers_agree_and_change_membership_through_the_api() {
         "synod_cluster_members is not 3"
     );
 
+    // Stop the leader's broker: the other two elect a new leader.
+    let mut nodes = nodes;
+    let index = nodes
+        .iter()
+        .position(|n| n.name == leader)
+        .expect("the leader is one of the nodes");
+    let stopped = nodes.remove(index);
+    let config = stopped.config.clone();
+    stopped.broker.shutdown().await;
+    let survivors: Vec<&Node> = nodes.iter().collect();
+    let new_leader = wait_agreed_without(&http, &survivors, &["a", "b", "c"], Some(&leader)).await;
+    assert!(survivors.iter().any(|n| n.name == new_leader));
+
+    // Restarted from its data directory, it catches up and is ready again.
+    let broker = server::start_durable_serving(config.clone(), None)
+        .await
+        .expect("broker restarts on its data directory and cluster port");
+    nodes.push(Node {
+        name: leader.clone(),
+        base: format!("http://{}", broker.mgmt_addr.expect("mgmt listener")),
+        config,
+        broker,
+    });
+    let all: Vec<&Node> = nodes.iter().collect();
+    wait_agreed(&http, &all, &["a", "b", "c"]).await;
+
     shutdown(nodes).await;
     let _ = std::fs::remove_dir_all(&root);
 }
@@ -306,11 +345,12 @@ async fn single_node_refuses_membership_changes() {
         "127.0.0.1:0",
     ];
     let config = Config::from_args(Args::try_parse_from(argv).expect("flags")).expect("config");
-    let broker = server::start_durable_serving(config, None)
+    let broker = server::start_durable_serving(config.clone(), None)
         .await
         .expect("broker starts");
     let node = Node {
         name: "solo".into(),
+        config: config.clone(),
         base: format!("http://{}", broker.mgmt_addr.expect("mgmt listener")),
         broker,
     };
