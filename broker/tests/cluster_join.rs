@@ -372,3 +372,45 @@ async fn single_node_refuses_membership_changes() {
     shutdown(vec![node]).await;
     let _ = std::fs::remove_dir_all(&root);
 }
+
+#[tokio::test]
+async fn unreadable_secret_file_is_a_configuration_error() {
+    // Goal: --peers with a --cluster-secret-file that cannot be read fails to start with exit code 2, naming the flag.
+    let root = temp_dir("secret");
+    let data_dir = root.join("data");
+    let missing = root.join("no-such-secret");
+    let cluster_listen = format!("127.0.0.1:{}", free_port());
+    let peers = format!("a={cluster_listen}");
+    let argv = [
+        "synod-broker",
+        "--node-name",
+        "a",
+        "--data-dir",
+        data_dir.to_str().expect("utf-8 path"),
+        "--amqp-listen",
+        "127.0.0.1:0",
+        "--mgmt-listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--cluster-listen",
+        &cluster_listen,
+        "--peers",
+        &peers,
+        "--cluster-secret-file",
+        missing.to_str().expect("utf-8 path"),
+    ];
+    let config = Config::from_args(Args::try_parse_from(argv).expect("flags")).expect("config");
+    let err = server::start_durable_serving(config.clone(), None)
+        .await
+        .expect_err("no secret, no start");
+    assert_eq!(err.exit_code(), 2, "{err}");
+    assert!(err.to_string().contains("--cluster-secret-file"), "{err}");
+    // The data directory was released: a second attempt fails the same way,
+    // not on the directory lock.
+    let again = server::start_durable_serving(config, None)
+        .await
+        .expect_err("still no secret");
+    assert_eq!(again.exit_code(), 2, "{again}");
+    let _ = std::fs::remove_dir_all(&root);
+}
