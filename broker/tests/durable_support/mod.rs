@@ -73,8 +73,14 @@ impl BrokerProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_synod-broker"))
             .arg("--data-dir")
             .arg(dir)
+            // Every listener on a free port: the binary also serves the
+            // management API and metrics, and tests run side by side.
             .args([
                 "--amqp-listen",
+                "127.0.0.1:0",
+                "--mgmt-listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
                 "127.0.0.1:0",
                 "--node-name",
                 "durable-test",
