@@ -205,7 +205,9 @@ async fn brokers_with_peers_agree_and_change_membership_through_the_api() {
     let nodes = start_cluster(&["a", "b", "c"], &root).await;
     let http = client();
     let all: Vec<&Node> = nodes.iter().collect();
+    let started = Instant::now();
     let leader = wait_agreed(&http, &all, &["a", "b", "c"]).await;
+    eprintln!("three brokers agreed and ready in {:?}", started.elapsed());
     let leader_node = nodes
         .iter()
         .find(|n| n.name == leader)
@@ -306,8 +308,10 @@ async fn brokers_with_peers_agree_and_change_membership_through_the_api() {
     let stopped = nodes.remove(index);
     let config = stopped.config.clone();
     stopped.broker.shutdown().await;
+    let stopped_at = Instant::now();
     let survivors: Vec<&Node> = nodes.iter().collect();
     let new_leader = wait_agreed_without(&http, &survivors, &["a", "b", "c"], Some(&leader)).await;
+    eprintln!("new leader after {:?}", stopped_at.elapsed());
     assert!(survivors.iter().any(|n| n.name == new_leader));
 
     // Restarted from its data directory, it catches up and is ready again.
@@ -322,6 +326,7 @@ async fn brokers_with_peers_agree_and_change_membership_through_the_api() {
     });
     let all: Vec<&Node> = nodes.iter().collect();
     wait_agreed(&http, &all, &["a", "b", "c"]).await;
+    eprintln!("restarted broker ready after {:?}", stopped_at.elapsed());
 
     shutdown(nodes).await;
     let _ = std::fs::remove_dir_all(&root);
