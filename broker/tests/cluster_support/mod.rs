@@ -75,9 +75,19 @@ impl TestNode {
     }
 
     pub async fn restart(&mut self) {
-        let listener = TcpListener::bind(self.addr)
-            .await
-            .expect("rebind same port");
+        // The stopped node's accept task may still hold the port for a moment
+        // after shutdown returns: wait until it is free again, within a bound.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        let listener = loop {
+            match TcpListener::bind(self.addr).await {
+                Ok(listener) => break listener,
+                Err(err) if tokio::time::Instant::now() < deadline => {
+                    assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse, "rebind: {err}");
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                Err(err) => panic!("rebind same port {}: {err}", self.addr),
+            }
+        };
         self.start_on(listener).await;
     }
 
