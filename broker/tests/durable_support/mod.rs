@@ -76,6 +76,13 @@ impl BrokerProcess {
             .args([
                 "--amqp-listen",
                 "127.0.0.1:0",
+                // Every listener on an ephemeral port, so tests run in parallel.
+                "--mgmt-listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
+                "--cluster-listen",
+                "127.0.0.1:0",
                 "--node-name",
                 "durable-test",
             ])
