@@ -73,14 +73,15 @@ impl BrokerProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_synod-broker"))
             .arg("--data-dir")
             .arg(dir)
-            // Every listener on a free port: the binary also serves the
-            // management API and metrics, and tests run side by side.
             .args([
                 "--amqp-listen",
                 "127.0.0.1:0",
+                // Every listener on an ephemeral port, so tests run in parallel.
                 "--mgmt-listen",
                 "127.0.0.1:0",
                 "--metrics-listen",
+                "127.0.0.1:0",
+                "--cluster-listen",
                 "127.0.0.1:0",
                 "--node-name",
                 "durable-test",
