@@ -462,6 +462,9 @@ impl EnvTest {
 
     /// Starts the control plane with `options`.
     pub async fn start_with(options: Options) -> Result<Self, Error> {
+        // The operator's dependencies enable two rustls crypto backends, so
+        // the process must pick one before the first TLS client, as main does.
+        synod_operator::install_crypto_provider();
         let binaries = Binaries::locate()?;
         let mut attempt = 1;
         loop {
