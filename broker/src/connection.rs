@@ -229,21 +229,15 @@ impl Connection {
             })),
         );
         self.flush().await?;
-        let start_ok = match self.read_frame().await? {
-            Ok(Frame::Method(0, method)) => match *method {
-                AMQPClass::Connection(amqp_connection::AMQPMethod::StartOk(start_ok)) => start_ok,
-                _ => {
-                    return self
-                        .refuse(reply::COMMAND_INVALID, "expected connection.start-ok")
-                        .await;
-                }
-            },
-            Ok(_) => {
-                return self
-                    .refuse(reply::COMMAND_INVALID, "expected connection.start-ok")
-                    .await;
-            }
-            Err(err) => return self.refuse(err.reply_code(), &err.to_string()).await,
+        let start_ok = match self
+            .expect_method("connection.start-ok", |method| match method {
+                amqp_connection::AMQPMethod::StartOk(start_ok) => Some(start_ok),
+                _ => None,
+            })
+            .await?
+        {
+            Ok(start_ok) => start_ok,
+            Err(refused) => return Ok(refused),
         };
         if let Some(AMQPValue::FieldTable(capabilities)) =
             start_ok.client_properties.inner().get("capabilities")
@@ -258,10 +252,7 @@ impl Connection {
         else {
             self.broker.metrics.auth_failures_total.inc();
             return self
-                .refuse(
-                    reply::ACCESS_REFUSED,
-                    &format!("ACCESS_REFUSED - Login was refused using authentication mechanism {mechanism}. For details see the broker logfile."),
-                )
+                .refuse(reply::ACCESS_REFUSED, &login_refused_text(mechanism))
                 .await;
         };
         let from_loopback = self.peer.ip().is_loopback();
@@ -273,10 +264,7 @@ impl Connection {
             Err(reason) => {
                 tracing::info!(peer = %self.peer, %reason, "authentication failed");
                 return self
-                    .refuse(
-                        reply::ACCESS_REFUSED,
-                        &format!("ACCESS_REFUSED - Login was refused using authentication mechanism {mechanism}. For details see the broker logfile."),
-                    )
+                    .refuse(reply::ACCESS_REFUSED, &login_refused_text(mechanism))
                     .await;
             }
         }
@@ -289,21 +277,15 @@ impl Connection {
             })),
         );
         self.flush().await?;
-        let tune_ok = match self.read_frame().await? {
-            Ok(Frame::Method(0, method)) => match *method {
-                AMQPClass::Connection(amqp_connection::AMQPMethod::TuneOk(tune_ok)) => tune_ok,
-                _ => {
-                    return self
-                        .refuse(reply::COMMAND_INVALID, "expected connection.tune-ok")
-                        .await;
-                }
-            },
-            Ok(_) => {
-                return self
-                    .refuse(reply::COMMAND_INVALID, "expected connection.tune-ok")
-                    .await;
-            }
-            Err(err) => return self.refuse(err.reply_code(), &err.to_string()).await,
+        let tune_ok = match self
+            .expect_method("connection.tune-ok", |method| match method {
+                amqp_connection::AMQPMethod::TuneOk(tune_ok) => Some(tune_ok),
+                _ => None,
+            })
+            .await?
+        {
+            Ok(tune_ok) => tune_ok,
+            Err(refused) => return Ok(refused),
         };
         if tune_ok.frame_max != 0 && tune_ok.frame_max < limits::FRAME_SIZE_MIN {
             return self
@@ -326,21 +308,15 @@ impl Connection {
             n => n.min(limits::CHANNELS_PER_CONNECTION_MAX),
         };
         self.heartbeat_s = tune_ok.heartbeat;
-        let open = match self.read_frame().await? {
-            Ok(Frame::Method(0, method)) => match *method {
-                AMQPClass::Connection(amqp_connection::AMQPMethod::Open(open)) => open,
-                _ => {
-                    return self
-                        .refuse(reply::COMMAND_INVALID, "expected connection.open")
-                        .await;
-                }
-            },
-            Ok(_) => {
-                return self
-                    .refuse(reply::COMMAND_INVALID, "expected connection.open")
-                    .await;
-            }
-            Err(err) => return self.refuse(err.reply_code(), &err.to_string()).await,
+        let open = match self
+            .expect_method("connection.open", |method| match method {
+                amqp_connection::AMQPMethod::Open(open) => Some(open),
+                _ => None,
+            })
+            .await?
+        {
+            Ok(open) => open,
+            Err(refused) => return Ok(refused),
         };
         let vhost = open.virtual_host.as_str().to_string();
         let permissions = if self.broker.has_vhost(&vhost) {
@@ -383,6 +359,29 @@ impl Connection {
     }
 
     /// Sends connection.close during the handshake and waits briefly for close-ok.
+    /// Reads the next handshake frame, which must be the connection method
+    /// `pick` accepts, on channel 0. Anything else refuses the connection
+    /// (`Err` carries what [`Connection::refuse`] returned).
+    async fn expect_method<T>(
+        &mut self,
+        expected: &str,
+        pick: impl FnOnce(amqp_connection::AMQPMethod) -> Option<T>,
+    ) -> Result<Result<T, bool>, Error> {
+        match self.read_frame().await? {
+            Ok(Frame::Method(0, method)) => {
+                if let AMQPClass::Connection(method) = *method
+                    && let Some(wanted) = pick(method)
+                {
+                    return Ok(Ok(wanted));
+                }
+            }
+            Ok(_) => {}
+            Err(err) => return Ok(Err(self.refuse(err.reply_code(), &err.to_string()).await?)),
+        }
+        let text = format!("expected {expected}");
+        Ok(Err(self.refuse(reply::COMMAND_INVALID, &text).await?))
+    }
+
     async fn refuse(&mut self, code: u16, text: &str) -> Result<bool, Error> {
         self.send_close(code, text, 0, 0);
         self.flush().await?;
@@ -2073,4 +2072,11 @@ fn server_properties(node_name: &str) -> FieldTable {
         text("An AMQP 0-9-1 broker whose replicas agree through Paxos"),
     );
     properties
+}
+
+/// The close text of a refused login, word for word as RabbitMQ sends it.
+fn login_refused_text(mechanism: &str) -> String {
+    format!(
+        "ACCESS_REFUSED - Login was refused using authentication mechanism {mechanism}. For details see the broker logfile."
+    )
 }
