@@ -25,6 +25,7 @@ use crate::meta::{
 use crate::metrics::Metrics;
 use crate::protocol::{AmqpError, reply};
 use crate::queue::{DeadLetter, Enqueued, Queue, QueueArgs, QueueCounts};
+use crate::replication::{Decision, Replication};
 
 /// Node-level settings the broker runs with.
 #[derive(Debug, Clone)]
@@ -197,6 +198,29 @@ pub struct Broker {
     durable: OnceLock<Arc<crate::durable::Durable>>,
     /// The Paxos cluster member, when started with `--peers`.
     cluster: OnceLock<Arc<crate::cluster::ClusterNode>>,
+    /// Metadata changes go through the cluster's log once this is set.
+    replication: OnceLock<Arc<Replication>>,
+}
+
+/// The metadata every node starts from: vhost `/` and user `guest`/`guest`
+/// (administrator, full permissions on `/`). All members of a cluster must
+/// start from the same bootstrap, as they apply the same log to it.
+fn bootstrap_commands(_settings: &Settings) -> Vec<Command> {
+    vec![
+        Command::AddVhost { name: "/".into() },
+        Command::PutUser {
+            name: "guest".into(),
+            password_hash: auth::hash_password("guest"),
+            tags: vec!["administrator".into()],
+        },
+        Command::SetPermissions {
+            vhost: "/".into(),
+            user: "guest".into(),
+            configure: ".*".into(),
+            write: ".*".into(),
+            read: ".*".into(),
+        },
+    ]
 }
 
 /// Bound on dead-letter hops processed for one operation.
@@ -217,23 +241,9 @@ impl Broker {
             alarm,
             durable: OnceLock::new(),
             cluster: OnceLock::new(),
+            replication: OnceLock::new(),
         };
-        let bootstrap = [
-            Command::AddVhost { name: "/".into() },
-            Command::PutUser {
-                name: "guest".into(),
-                password_hash: auth::hash_password("guest"),
-                tags: vec!["administrator".into()],
-            },
-            Command::SetPermissions {
-                vhost: "/".into(),
-                user: "guest".into(),
-                configure: ".*".into(),
-                write: ".*".into(),
-                read: ".*".into(),
-            },
-        ];
-        for command in bootstrap {
+        for command in bootstrap_commands(&broker.settings) {
             broker
                 .execute(command)
                 .expect("bootstrap commands are valid on empty metadata");
@@ -250,6 +260,166 @@ impl Broker {
     /// changes membership through `cluster` from now on.
     pub fn attach_cluster(&self, cluster: Arc<crate::cluster::ClusterNode>) {
         let _ = self.cluster.set(cluster);
+    }
+
+    /// Sends every metadata change through the cluster's log from now on
+    /// (the decided log is applied with [`Broker::execute`]).
+    pub fn attach_replication(&self, replication: Arc<Replication>) {
+        let _ = self.replication.set(replication);
+    }
+
+    /// Makes a metadata change: at once on a single node; on a cluster
+    /// member, once the change is decided (an equivalent redeclaration is
+    /// answered from this node's copy without a round of Paxos). Every
+    /// topology change from clients and the management API comes here.
+    pub fn replicate(&self, command: Command) -> Decision {
+        let Some(replication) = self.replication.get() else {
+            return Decision::Now(self.execute(command));
+        };
+        if self.read().meta.is_noop(&command) {
+            return Decision::Now(Ok(Outcome::default()));
+        }
+        // Refuse what can never apply before it takes a slot in the log.
+        if let Command::DeclareQueue { queue, .. } = &command
+            && let Err(reason) = QueueArgs::parse(&queue.arguments)
+        {
+            return Decision::Now(Err(MetaError::PreconditionFailed(reason)));
+        }
+        replication.propose(command)
+    }
+
+    /// [`Broker::replicate`], waiting for the outcome.
+    pub async fn submit(&self, command: Command) -> Result<Outcome, MetaError> {
+        self.replicate(command).wait().await
+    }
+
+    /// [`Broker::replicate`] for clean-ups nobody waits for (auto-delete,
+    /// exclusive queues of a closed connection, `x-expires`).
+    pub fn submit_detached(&self, command: Command) {
+        if let Decision::Now(Err(err)) = self.replicate(command) {
+            tracing::debug!(%err, "clean-up change not applied");
+        }
+    }
+
+    /// The whole metadata as commands that rebuild it (compaction snapshots).
+    pub fn metadata_commands(&self) -> Vec<Command> {
+        self.read().meta.commands_where(|_| true, |_| true)
+    }
+
+    /// Queues homed on this node that cannot outlive its process: transient
+    /// and exclusive ones, as (vhost, name).
+    pub fn stale_local_queues(&self) -> Vec<(String, String)> {
+        let state = self.read();
+        let mut stale = Vec::new();
+        for (vhost_name, vhost) in &state.meta.vhosts {
+            for queue in vhost.queues.values() {
+                if queue.home_node == self.settings.node_name
+                    && (!queue.durable || queue.exclusive_owner.is_some())
+                {
+                    stale.push((vhost_name.clone(), queue.name.clone()));
+                }
+            }
+        }
+        stale
+    }
+
+    /// Replaces the metadata by the bootstrap state plus `commands` (a
+    /// compaction snapshot) and brings the runtime queues in line: queues
+    /// homed here that appeared are created, those that vanished deleted.
+    pub fn reset_metadata(&self, commands: Vec<Command>) {
+        let mut meta = Metadata::default();
+        for command in bootstrap_commands(&self.settings)
+            .into_iter()
+            .chain(commands)
+        {
+            if let Err(err) = meta.apply(command) {
+                tracing::warn!(%err, "snapshot command did not apply");
+            }
+        }
+        let mut state = self.write();
+        let mut removed = Vec::new();
+        for (vhost, queues) in state.queues.iter_mut() {
+            queues.retain(|name, queue| {
+                let kept = meta
+                    .vhosts
+                    .get(vhost)
+                    .and_then(|v| v.queues.get(name))
+                    .is_some_and(|def| def.home_node == self.settings.node_name);
+                if !kept {
+                    removed.push(queue.clone());
+                }
+                kept
+            });
+        }
+        let mut created = Vec::new();
+        for (vhost_name, vhost) in &meta.vhosts {
+            for def in vhost.queues.values() {
+                let exists = state
+                    .queues
+                    .get(vhost_name)
+                    .is_some_and(|qs| qs.contains_key(&def.name));
+                if def.home_node == self.settings.node_name
+                    && !exists
+                    && let Some(queue) = self.runtime_queue(vhost_name, def.clone())
+                {
+                    created.push((vhost_name.clone(), queue));
+                }
+            }
+        }
+        for (vhost, queue) in created {
+            state
+                .queues
+                .entry(vhost)
+                .or_default()
+                .insert(queue.name().to_string(), queue);
+        }
+        state.meta = meta;
+        drop(state);
+        self.cancel_consumers_of(removed);
+    }
+
+    /// A queue's definition, wherever its home is.
+    pub fn queue_def(&self, vhost: &str, name: &str) -> Option<QueueDef> {
+        self.read()
+            .meta
+            .vhosts
+            .get(vhost)?
+            .queues
+            .get(name)
+            .cloned()
+    }
+
+    fn runtime_queue(&self, vhost: &str, def: QueueDef) -> Option<Arc<Queue>> {
+        let args = match QueueArgs::parse(&def.arguments) {
+            Ok(args) => args,
+            Err(err) => {
+                tracing::warn!(%err, queue = %def.name, "queue arguments do not parse");
+                return None;
+            }
+        };
+        let queue = Queue::new(
+            vhost,
+            def,
+            args,
+            self.metrics.clone(),
+            self.memory_bytes.clone(),
+        );
+        if let Some(durable) = self.durable() {
+            durable.attach(&queue);
+        }
+        Some(queue)
+    }
+
+    fn cancel_consumers_of(&self, removed: Vec<Arc<Queue>>) {
+        for queue in removed {
+            let (consumers, _) = queue.mark_deleted();
+            for consumer in consumers {
+                let _ = consumer.sender.send(Outbound::ConsumerCancelled {
+                    channel_id: consumer.channel_id,
+                    consumer_tag: consumer.tag.clone(),
+                });
+            }
+        }
     }
 
     /// The cluster member, when the broker runs with `--peers`.
@@ -288,19 +458,13 @@ impl Broker {
             .filter(|d| d.before_command(&state.meta, &command));
         let outcome = state.meta.apply(command)?;
         let snapshot = durable.map(|d| d.snapshot(&state.meta));
-        if let (Some(args), Some((vhost, def))) = (new_queue, vhost_of_declare)
+        // Only the home node holds a queue's messages; the others know its
+        // definition from the metadata.
+        if let (Some(_), Some((vhost, def))) = (new_queue, vhost_of_declare)
             && outcome.created
+            && def.home_node == self.settings.node_name
+            && let Some(queue) = self.runtime_queue(&vhost, def)
         {
-            let queue = Queue::new(
-                &vhost,
-                def,
-                args,
-                self.metrics.clone(),
-                self.memory_bytes.clone(),
-            );
-            if let Some(durable) = self.durable() {
-                durable.attach(&queue);
-            }
             state
                 .queues
                 .entry(vhost)
@@ -317,15 +481,7 @@ impl Broker {
         if let (Some(durable), Some(snapshot)) = (durable, snapshot) {
             durable.write_snapshot(snapshot);
         }
-        for queue in removed {
-            let (consumers, _) = queue.mark_deleted();
-            for consumer in consumers {
-                let _ = consumer.sender.send(Outbound::ConsumerCancelled {
-                    channel_id: consumer.channel_id,
-                    consumer_tag: consumer.tag.clone(),
-                });
-            }
-        }
+        self.cancel_consumers_of(removed);
         Ok(outcome)
     }
 
@@ -479,18 +635,18 @@ impl Broker {
         }
     }
 
-    /// Deletes a queue, refusing (406) when `if_unused` and it has
+    /// Checks a queue deletion: refuses (406) when `if_unused` and it has
     /// consumers or `if_empty` and it holds messages. Returns the number of
-    /// ready messages dropped; a missing queue is not an error (RabbitMQ).
-    pub fn delete_queue(
+    /// ready messages it would drop, `None` when there is no such queue here.
+    pub fn check_delete_queue(
         &self,
         vhost: &str,
         name: &str,
         if_unused: bool,
         if_empty: bool,
-    ) -> Result<u64, MetaError> {
+    ) -> Result<Option<u64>, MetaError> {
         let Some(queue) = self.queue(vhost, name) else {
-            return Ok(0);
+            return Ok(self.queue_def(vhost, name).map(|_| 0));
         };
         let counts = queue.counts();
         if if_unused && counts.consumers > 0 {
@@ -503,11 +659,30 @@ impl Broker {
                 "queue '{name}' in vhost '{vhost}' is not empty"
             )));
         }
-        match self.execute(Command::DeleteQueue {
-            vhost: vhost.to_string(),
-            name: name.to_string(),
-        }) {
-            Ok(_) | Err(MetaError::NotFound(_)) => Ok(counts.ready),
+        Ok(Some(counts.ready))
+    }
+
+    /// Deletes a queue after [`Broker::check_delete_queue`]. Returns the
+    /// number of ready messages dropped; a missing queue is not an error
+    /// (RabbitMQ).
+    pub async fn delete_queue(
+        &self,
+        vhost: &str,
+        name: &str,
+        if_unused: bool,
+        if_empty: bool,
+    ) -> Result<u64, MetaError> {
+        let Some(ready) = self.check_delete_queue(vhost, name, if_unused, if_empty)? else {
+            return Ok(0);
+        };
+        match self
+            .submit(Command::DeleteQueue {
+                vhost: vhost.to_string(),
+                name: name.to_string(),
+            })
+            .await
+        {
+            Ok(_) | Err(MetaError::NotFound(_)) => Ok(ready),
             Err(err) => Err(err),
         }
     }
@@ -538,7 +713,7 @@ impl Broker {
         }
         self.dead_letter(dead);
         for queue in expired {
-            let _ = self.execute(Command::DeleteQueue {
+            self.submit_detached(Command::DeleteQueue {
                 vhost: queue.vhost.clone(),
                 name: queue.name().to_string(),
             });
@@ -711,21 +886,22 @@ impl Broker {
 
     /// Queues with their counts.
     pub fn list_queues(&self) -> Vec<QueueSummary> {
-        let queues: Vec<Arc<Queue>> = self
-            .read()
-            .queues
-            .values()
-            .flat_map(|qs| qs.values().cloned())
-            .collect();
-        let mut out: Vec<QueueSummary> = queues
-            .into_iter()
-            .map(|q| QueueSummary {
-                vhost: q.vhost.clone(),
-                def: q.def.clone(),
-                counts: q.counts(),
-            })
-            .collect();
-        out.sort_by(|a, b| (&a.vhost, &a.def.name).cmp(&(&b.vhost, &b.def.name)));
+        let state = self.read();
+        let mut out = Vec::new();
+        for (vhost_name, vhost) in &state.meta.vhosts {
+            let local = state.queues.get(vhost_name);
+            for def in vhost.queues.values() {
+                out.push(QueueSummary {
+                    vhost: vhost_name.clone(),
+                    def: def.clone(),
+                    // Counts of a queue homed elsewhere are its node's.
+                    counts: local
+                        .and_then(|qs| qs.get(&def.name))
+                        .map(|q| q.counts())
+                        .unwrap_or_default(),
+                });
+            }
+        }
         out
     }
 
@@ -797,8 +973,8 @@ mod tests {
         assert!(!p.allows(Access::Read, "metrics"));
     }
 
-    #[test]
-    fn queue_commands_create_runtime_queues_and_checks_apply() {
+    #[tokio::test]
+    async fn queue_commands_create_runtime_queues_and_checks_apply() {
         // Goal: execute() creates and deletes runtime queues; bad arguments and if-empty refuse.
         let broker = broker();
         let mut bad = FieldTable::default();
@@ -826,11 +1002,11 @@ mod tests {
         });
         let published = broker.publish("/", message).expect("publish");
         assert_eq!(published.n_queues, 1);
-        assert!(broker.delete_queue("/", "q", false, true).is_err());
+        assert!(broker.delete_queue("/", "q", false, true).await.is_err());
         assert_eq!(broker.list_queues()[0].counts.ready, 1);
-        assert_eq!(broker.delete_queue("/", "q", false, false), Ok(1));
+        assert_eq!(broker.delete_queue("/", "q", false, false).await, Ok(1));
         assert!(broker.queue("/", "q").is_none());
         assert_eq!(broker.metrics.queues.get(), 0);
-        assert_eq!(broker.delete_queue("/", "q", false, false), Ok(0));
+        assert_eq!(broker.delete_queue("/", "q", false, false).await, Ok(0));
     }
 }

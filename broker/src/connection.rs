@@ -30,9 +30,10 @@ use crate::channel::{
 use crate::exchange::{Binding, Destination, ExchangeKind};
 use crate::limits;
 use crate::message::Message;
-use crate::meta::{Command, ExchangeDef, MetaError, QueueDef};
+use crate::meta::{Command, ExchangeDef, MetaError, Outcome, QueueDef};
 use crate::protocol::{self, AmqpError, Encoder, Frame, reply};
 use crate::queue::{Backlog, Consumer, Credit, Delivery, Queue};
+use crate::replication::Decision;
 
 /// What other tasks send to a connection.
 #[derive(Debug)]
@@ -119,6 +120,8 @@ pub async fn serve(
         last_read: Instant::now(),
         last_write: Instant::now(),
         confirm_waiter: None,
+        deferred: None,
+        current_method: (0, 0),
     };
     let handshake = tokio::time::timeout(
         Duration::from_millis(limits::HANDSHAKE_TIMEOUT_MS),
@@ -169,6 +172,38 @@ struct Connection {
     last_write: Instant,
     /// Turns store tickets into confirms (started at the first persistent publish).
     confirm_waiter: Option<crate::durable::ConfirmWaiter>,
+    /// A metadata change waiting for the cluster's decision. No further
+    /// frame of this connection is handled until it resolves, so replies
+    /// and effects keep the order the client sent its methods in.
+    deferred: Option<Deferred>,
+    /// Class and method ids of the method being handled (for the errors of
+    /// its deferred continuation).
+    current_method: (u16, u16),
+}
+
+/// What to do with a metadata change's outcome once it is decided.
+type Continuation =
+    Box<dyn FnOnce(&mut Connection, Result<Outcome, MetaError>) -> Result<(), AmqpError> + Send>;
+
+/// A metadata change proposed to the cluster and its continuation.
+struct Deferred {
+    channel_id: u16,
+    class_id: u16,
+    method_id: u16,
+    decision: tokio::sync::oneshot::Receiver<Result<Outcome, MetaError>>,
+    then: Continuation,
+}
+
+/// Resolves with the deferred change's outcome (never, when there is none).
+async fn deferred_outcome(deferred: &mut Option<Deferred>) -> Result<Outcome, MetaError> {
+    match deferred {
+        Some(d) => (&mut d.decision).await.unwrap_or_else(|_| {
+            Err(MetaError::Unavailable(
+                "the cluster member stopped before the change was decided".into(),
+            ))
+        }),
+        None => std::future::pending().await,
+    }
 }
 
 /// Outcome of one frame for the main loop.
@@ -439,7 +474,8 @@ impl Connection {
         }
         self.flush().await?;
         loop {
-            let read_paused = self.blocked && self.has_published && !self.closing;
+            let read_paused =
+                (self.blocked && self.has_published && !self.closing) || self.deferred.is_some();
             // Frozen body slices keep old blocks alive; read into fresh
             // room rather than letting the buffer shrink to tiny reads.
             if self.read_buf.capacity() - self.read_buf.len() < limits::READ_BUFFER_SIZE_MIN {
@@ -498,6 +534,13 @@ impl Connection {
                         }
                     }
                 }
+                outcome = deferred_outcome(&mut self.deferred), if self.deferred.is_some() => {
+                    self.resume(outcome);
+                    if let Flow::Stop = self.process_input() {
+                        self.flush().await?;
+                        return Ok(());
+                    }
+                }
                 changed = shutdown.changed(), if !self.closing => {
                     let _ = changed;
                     self.begin_close(reply::CONNECTION_FORCED, "CONNECTION_FORCED - broker shutdown", 0, 0);
@@ -550,6 +593,9 @@ impl Connection {
     /// Parses and handles every complete frame in the read buffer.
     fn process_input(&mut self) -> Flow {
         loop {
+            if self.deferred.is_some() {
+                break;
+            }
             let frame = match Frame::parse(&mut self.read_buf, self.frame_max) {
                 Ok(Some(frame)) => frame,
                 Ok(None) => break,
@@ -586,6 +632,53 @@ impl Connection {
         self.send_close(code, text, class_id, method_id);
         // Release resources now; frames after close are ignored.
         self.release_channels();
+    }
+
+    /// Makes a metadata change, then runs `then` with its outcome: at once
+    /// on a single node, once decided on a cluster member (the connection
+    /// reads nothing more meanwhile). Errors `then` returns close the
+    /// channel (soft) or the connection (hard), as a method's errors do.
+    fn execute_then(
+        &mut self,
+        channel_id: u16,
+        command: Command,
+        then: impl FnOnce(&mut Connection, Result<Outcome, MetaError>) -> Result<(), AmqpError>
+        + Send
+        + 'static,
+    ) -> Result<(), AmqpError> {
+        match self.broker.replicate(command) {
+            Decision::Now(result) => then(self, result),
+            Decision::Later(decision) => {
+                self.deferred = Some(Deferred {
+                    channel_id,
+                    class_id: self.current_method.0,
+                    method_id: self.current_method.1,
+                    decision,
+                    then: Box::new(then),
+                });
+                Ok(())
+            }
+        }
+    }
+
+    /// Finishes the deferred change with its outcome.
+    fn resume(&mut self, outcome: Result<Outcome, MetaError>) {
+        let Some(deferred) = self.deferred.take() else {
+            return;
+        };
+        if self.closing {
+            return;
+        }
+        if let Err(err) = (deferred.then)(self, outcome) {
+            let err = err.on_method(deferred.class_id, deferred.method_id);
+            if err.is_hard() {
+                tracing::info!(connection = %self.name, %err, "connection error");
+                self.begin_close(err.code, &err.text, err.class_id, err.method_id);
+            } else {
+                self.close_channel(deferred.channel_id, err);
+            }
+        }
+        self.flush_confirms();
     }
 
     fn handle_frame(&mut self, frame: Frame) -> Result<Flow, AmqpError> {
@@ -780,6 +873,7 @@ impl Connection {
         }
         let class_id = method.get_amqp_class_id();
         let method_id = method.get_amqp_method_id();
+        self.current_method = (class_id, method_id);
         match self.handle_method(channel_id, method) {
             Ok(()) => Ok(()),
             Err(err) if err.is_hard() => Err(err),
@@ -845,7 +939,7 @@ impl Connection {
         }
         self.requeue(unacked);
         for queue in auto_delete {
-            let _ = self.broker.execute(Command::DeleteQueue {
+            self.broker.submit_detached(Command::DeleteQueue {
                 vhost: queue.vhost.clone(),
                 name: queue.name().to_string(),
             });
@@ -879,7 +973,7 @@ impl Connection {
             self.drop_channel(id);
         }
         for name in std::mem::take(&mut self.exclusive_queues) {
-            let _ = self.broker.execute(Command::DeleteQueue {
+            self.broker.submit_detached(Command::DeleteQueue {
                 vhost: self.vhost.clone(),
                 name,
             });
@@ -1358,7 +1452,7 @@ impl Connection {
                         .queue
                         .remove_consumer(self.id, channel_id, &tag, Instant::now())
                     {
-                        let _ = self.broker.execute(Command::DeleteQueue {
+                        self.broker.submit_detached(Command::DeleteQueue {
                             vhost: consumer.queue.vhost.clone(),
                             name: consumer.queue.name().to_string(),
                         });
@@ -1576,6 +1670,17 @@ impl Connection {
         Ok(queue)
     }
 
+    /// The definition of a queue wherever its home node is (404 when there
+    /// is no such queue).
+    fn lookup_queue_def(&self, name: &str) -> Result<QueueDef, AmqpError> {
+        self.broker.queue_def(&self.vhost, name).ok_or_else(|| {
+            AmqpError::new(
+                reply::NOT_FOUND,
+                format!("no queue '{name}' in vhost '{}'", self.vhost),
+            )
+        })
+    }
+
     fn check_exclusive(&self, queue: &Queue) -> Result<(), AmqpError> {
         match &queue.def.exclusive_owner {
             Some(owner) if owner != &self.name => Err(AmqpError::new(
@@ -1727,19 +1832,30 @@ impl Connection {
                         ));
                     }
                     self.check(Access::Configure, "exchange", name)?;
-                    self.broker
-                        .execute(Command::DeclareExchange {
-                            vhost: self.vhost.clone(),
-                            exchange: ExchangeDef {
-                                name: name.to_string(),
-                                kind,
-                                durable: declare.durable,
-                                auto_delete: declare.auto_delete,
-                                internal: declare.internal,
-                                arguments: declare.arguments,
-                            },
-                        })
-                        .map_err(meta_error)?;
+                    let command = Command::DeclareExchange {
+                        vhost: self.vhost.clone(),
+                        exchange: ExchangeDef {
+                            name: name.to_string(),
+                            kind,
+                            durable: declare.durable,
+                            auto_delete: declare.auto_delete,
+                            internal: declare.internal,
+                            arguments: declare.arguments,
+                        },
+                    };
+                    let nowait = declare.nowait;
+                    return self.execute_then(channel_id, command, move |conn, result| {
+                        result.map_err(meta_error)?;
+                        if !nowait {
+                            conn.send_method(
+                                channel_id,
+                                AMQPClass::Exchange(exchange::AMQPMethod::DeclareOk(
+                                    exchange::DeclareOk {},
+                                )),
+                            );
+                        }
+                        Ok(())
+                    });
                 }
                 if !declare.nowait {
                     self.send_method(
@@ -1760,54 +1876,82 @@ impl Connection {
                     ));
                 }
                 self.check(Access::Configure, "exchange", name)?;
-                match self.broker.execute(Command::DeleteExchange {
+                if self.broker.exchange(&self.vhost, name).is_none() {
+                    // Deleting a missing exchange succeeds, as in RabbitMQ.
+                    if !delete.nowait {
+                        self.send_method(
+                            channel_id,
+                            AMQPClass::Exchange(exchange::AMQPMethod::DeleteOk(
+                                exchange::DeleteOk {},
+                            )),
+                        );
+                    }
+                    return Ok(());
+                }
+                let command = Command::DeleteExchange {
                     vhost: self.vhost.clone(),
                     name: name.to_string(),
                     if_unused: delete.if_unused,
-                }) {
-                    // Deleting a missing exchange succeeds, as in RabbitMQ.
-                    Ok(_) | Err(MetaError::NotFound(_)) => {}
-                    Err(err) => return Err(meta_error(err)),
-                }
-                if !delete.nowait {
-                    self.send_method(
-                        channel_id,
-                        AMQPClass::Exchange(exchange::AMQPMethod::DeleteOk(exchange::DeleteOk {})),
-                    );
-                }
-                Ok(())
+                };
+                let nowait = delete.nowait;
+                self.execute_then(channel_id, command, move |conn, result| {
+                    match result {
+                        // Deleting a missing exchange succeeds, as in RabbitMQ.
+                        Ok(_) | Err(MetaError::NotFound(_)) => {}
+                        Err(err) => return Err(meta_error(err)),
+                    }
+                    if !nowait {
+                        conn.send_method(
+                            channel_id,
+                            AMQPClass::Exchange(exchange::AMQPMethod::DeleteOk(
+                                exchange::DeleteOk {},
+                            )),
+                        );
+                    }
+                    Ok(())
+                })
             }
             exchange::AMQPMethod::Bind(bind) => {
-                self.bind_exchange(
+                let command = self.exchange_binding(
                     &bind.source,
                     &bind.destination,
                     &bind.routing_key,
                     bind.arguments,
                     true,
                 )?;
-                if !bind.nowait {
-                    self.send_method(
-                        channel_id,
-                        AMQPClass::Exchange(exchange::AMQPMethod::BindOk(exchange::BindOk {})),
-                    );
-                }
-                Ok(())
+                let nowait = bind.nowait;
+                self.execute_then(channel_id, command, move |conn, result| {
+                    result.map_err(meta_error)?;
+                    if !nowait {
+                        conn.send_method(
+                            channel_id,
+                            AMQPClass::Exchange(exchange::AMQPMethod::BindOk(exchange::BindOk {})),
+                        );
+                    }
+                    Ok(())
+                })
             }
             exchange::AMQPMethod::Unbind(unbind) => {
-                self.bind_exchange(
+                let command = self.exchange_binding(
                     &unbind.source,
                     &unbind.destination,
                     &unbind.routing_key,
                     unbind.arguments,
                     false,
                 )?;
-                if !unbind.nowait {
-                    self.send_method(
-                        channel_id,
-                        AMQPClass::Exchange(exchange::AMQPMethod::UnbindOk(exchange::UnbindOk {})),
-                    );
-                }
-                Ok(())
+                let nowait = unbind.nowait;
+                self.execute_then(channel_id, command, move |conn, result| {
+                    result.map_err(meta_error)?;
+                    if !nowait {
+                        conn.send_method(
+                            channel_id,
+                            AMQPClass::Exchange(exchange::AMQPMethod::UnbindOk(
+                                exchange::UnbindOk {},
+                            )),
+                        );
+                    }
+                    Ok(())
+                })
             }
             _ => Err(AmqpError::new(
                 reply::COMMAND_INVALID,
@@ -1816,14 +1960,16 @@ impl Connection {
         }
     }
 
-    fn bind_exchange(
+    /// The (un)binding command of `exchange.bind`/`unbind`, after the
+    /// permission checks.
+    fn exchange_binding(
         &mut self,
         source: &amq_protocol::types::ShortString,
         destination: &amq_protocol::types::ShortString,
         routing_key: &amq_protocol::types::ShortString,
         arguments: FieldTable,
         bind: bool,
-    ) -> Result<(), AmqpError> {
+    ) -> Result<Command, AmqpError> {
         self.check(Access::Write, "exchange", destination.as_str())?;
         self.check(Access::Read, "exchange", source.as_str())?;
         let binding = Binding {
@@ -1846,8 +1992,7 @@ impl Connection {
                 binding,
             }
         };
-        self.broker.execute(command).map_err(meta_error)?;
-        Ok(())
+        Ok(command)
     }
 
     fn queue_method(
@@ -1861,47 +2006,50 @@ impl Connection {
                 let queue = bind.queue.as_str();
                 self.check(Access::Write, "queue", queue)?;
                 self.check(Access::Read, "exchange", bind.exchange.as_str())?;
-                self.lookup_queue(queue)?;
-                self.broker
-                    .execute(Command::Bind {
-                        vhost: self.vhost.clone(),
-                        source: bind.exchange.as_str().to_string(),
-                        binding: Binding {
-                            destination: Destination::Queue(queue.to_string()),
-                            routing_key: bind.routing_key.as_str().to_string(),
-                            arguments: bind.arguments,
-                        },
-                    })
-                    .map_err(meta_error)?;
-                if !bind.nowait {
-                    self.send_method(
-                        channel_id,
-                        AMQPClass::Queue(amqp_queue::AMQPMethod::BindOk(amqp_queue::BindOk {})),
-                    );
-                }
-                Ok(())
+                self.lookup_queue_def(queue)?;
+                let command = Command::Bind {
+                    vhost: self.vhost.clone(),
+                    source: bind.exchange.as_str().to_string(),
+                    binding: Binding {
+                        destination: Destination::Queue(queue.to_string()),
+                        routing_key: bind.routing_key.as_str().to_string(),
+                        arguments: bind.arguments,
+                    },
+                };
+                let nowait = bind.nowait;
+                self.execute_then(channel_id, command, move |conn, result| {
+                    result.map_err(meta_error)?;
+                    if !nowait {
+                        conn.send_method(
+                            channel_id,
+                            AMQPClass::Queue(amqp_queue::AMQPMethod::BindOk(amqp_queue::BindOk {})),
+                        );
+                    }
+                    Ok(())
+                })
             }
             amqp_queue::AMQPMethod::Unbind(unbind) => {
                 let queue = unbind.queue.as_str();
                 self.check(Access::Write, "queue", queue)?;
                 self.check(Access::Read, "exchange", unbind.exchange.as_str())?;
-                self.lookup_queue(queue)?;
-                self.broker
-                    .execute(Command::Unbind {
-                        vhost: self.vhost.clone(),
-                        source: unbind.exchange.as_str().to_string(),
-                        binding: Binding {
-                            destination: Destination::Queue(queue.to_string()),
-                            routing_key: unbind.routing_key.as_str().to_string(),
-                            arguments: unbind.arguments,
-                        },
-                    })
-                    .map_err(meta_error)?;
-                self.send_method(
-                    channel_id,
-                    AMQPClass::Queue(amqp_queue::AMQPMethod::UnbindOk(amqp_queue::UnbindOk {})),
-                );
-                Ok(())
+                self.lookup_queue_def(queue)?;
+                let command = Command::Unbind {
+                    vhost: self.vhost.clone(),
+                    source: unbind.exchange.as_str().to_string(),
+                    binding: Binding {
+                        destination: Destination::Queue(queue.to_string()),
+                        routing_key: unbind.routing_key.as_str().to_string(),
+                        arguments: unbind.arguments,
+                    },
+                };
+                self.execute_then(channel_id, command, move |conn, result| {
+                    result.map_err(meta_error)?;
+                    conn.send_method(
+                        channel_id,
+                        AMQPClass::Queue(amqp_queue::AMQPMethod::UnbindOk(amqp_queue::UnbindOk {})),
+                    );
+                    Ok(())
+                })
             }
             amqp_queue::AMQPMethod::Purge(purge) => {
                 let name = purge.queue.as_str();
@@ -1921,25 +2069,44 @@ impl Connection {
             amqp_queue::AMQPMethod::Delete(delete) => {
                 let name = delete.queue.as_str();
                 self.check(Access::Configure, "queue", name)?;
-                let mut n = 0;
-                // Deleting a missing queue succeeds, as in RabbitMQ.
                 if let Some(queue) = self.broker.queue(&self.vhost, name) {
                     self.check_exclusive(&queue)?;
-                    n = self
-                        .broker
-                        .delete_queue(&self.vhost, name, delete.if_unused, delete.if_empty)
-                        .map_err(meta_error)?;
-                    self.exclusive_queues.retain(|q| q != name);
                 }
-                if !delete.nowait {
-                    self.send_method(
-                        channel_id,
-                        AMQPClass::Queue(amqp_queue::AMQPMethod::DeleteOk(amqp_queue::DeleteOk {
-                            message_count: n as u32,
-                        })),
-                    );
-                }
-                Ok(())
+                let nowait = delete.nowait;
+                let reply = move |conn: &mut Connection, n: u64| {
+                    if !nowait {
+                        conn.send_method(
+                            channel_id,
+                            AMQPClass::Queue(amqp_queue::AMQPMethod::DeleteOk(
+                                amqp_queue::DeleteOk {
+                                    message_count: n as u32,
+                                },
+                            )),
+                        );
+                    }
+                };
+                let checked = self
+                    .broker
+                    .check_delete_queue(&self.vhost, name, delete.if_unused, delete.if_empty)
+                    .map_err(meta_error)?;
+                // Deleting a missing queue succeeds, as in RabbitMQ.
+                let Some(n) = checked else {
+                    reply(self, 0);
+                    return Ok(());
+                };
+                self.exclusive_queues.retain(|q| q != name);
+                let command = Command::DeleteQueue {
+                    vhost: self.vhost.clone(),
+                    name: name.to_string(),
+                };
+                self.execute_then(channel_id, command, move |conn, result| {
+                    match result {
+                        Ok(_) | Err(MetaError::NotFound(_)) => {}
+                        Err(err) => return Err(meta_error(err)),
+                    }
+                    reply(conn, n);
+                    Ok(())
+                })
             }
             _ => Err(AmqpError::new(
                 reply::COMMAND_INVALID,
@@ -1955,10 +2122,20 @@ impl Connection {
     ) -> Result<(), AmqpError> {
         let mut name = declare.queue.as_str().to_string();
         if declare.passive {
-            let queue = self.lookup_queue(&name)?;
-            queue.touch(Instant::now());
-            let counts = queue.counts();
-            self.send_declare_ok(channel_id, &declare, &name, counts.ready, counts.consumers);
+            let (ready, consumers) = match self.broker.queue(&self.vhost, &name) {
+                Some(_) => {
+                    let queue = self.lookup_queue(&name)?;
+                    queue.touch(Instant::now());
+                    let counts = queue.counts();
+                    (counts.ready, counts.consumers)
+                }
+                // Homed on another node: counts are that node's to tell.
+                None => {
+                    self.lookup_queue_def(&name)?;
+                    (0, 0)
+                }
+            };
+            self.send_declare_ok(channel_id, &declare, &name, ready, consumers);
             return Ok(());
         }
         if name.is_empty() {
@@ -1973,28 +2150,37 @@ impl Connection {
         if let Some(existing) = self.broker.queue(&self.vhost, &name) {
             self.check_exclusive(&existing)?;
         }
-        let outcome = self
-            .broker
-            .execute(Command::DeclareQueue {
-                vhost: self.vhost.clone(),
-                queue: QueueDef {
-                    name: name.clone(),
-                    durable: declare.durable,
-                    exclusive_owner: declare.exclusive.then(|| self.name.clone()),
-                    auto_delete: declare.auto_delete,
-                    arguments: declare.arguments.clone(),
-                    home_node: self.broker.settings.node_name.clone(),
-                },
-            })
-            .map_err(meta_error)?;
-        if outcome.created && declare.exclusive {
-            self.exclusive_queues.push(name.clone());
-        }
-        let queue = self.lookup_queue(&name)?;
-        queue.touch(Instant::now());
-        let counts = queue.counts();
-        self.send_declare_ok(channel_id, &declare, &name, counts.ready, counts.consumers);
-        Ok(())
+        let command = Command::DeclareQueue {
+            vhost: self.vhost.clone(),
+            queue: QueueDef {
+                name: name.clone(),
+                durable: declare.durable,
+                exclusive_owner: declare.exclusive.then(|| self.name.clone()),
+                auto_delete: declare.auto_delete,
+                arguments: declare.arguments.clone(),
+                home_node: self.broker.settings.node_name.clone(),
+            },
+        };
+        self.execute_then(channel_id, command, move |conn, result| {
+            let outcome = result.map_err(meta_error)?;
+            if outcome.created && declare.exclusive {
+                conn.exclusive_queues.push(name.clone());
+            }
+            let (ready, consumers) = match conn.broker.queue(&conn.vhost, &name) {
+                Some(queue) => {
+                    queue.touch(Instant::now());
+                    let counts = queue.counts();
+                    (counts.ready, counts.consumers)
+                }
+                // Homed on another node: counts are that node's to tell.
+                None => {
+                    conn.lookup_queue_def(&name)?;
+                    (0, 0)
+                }
+            };
+            conn.send_declare_ok(channel_id, &declare, &name, ready, consumers);
+            Ok(())
+        })
     }
 
     fn send_declare_ok(

@@ -24,7 +24,6 @@ use tokio::sync::mpsc;
 
 use crate::broker::Broker;
 use crate::connection::Outbound;
-use crate::exchange::Destination;
 use crate::message::Message;
 use crate::meta::{Command, Metadata, QueueDef};
 use crate::queue::{Entry, Queue};
@@ -107,6 +106,8 @@ pub struct Durable {
     written: Mutex<(u64, Vec<u8>)>,
     disk_alarm: AtomicBool,
     last_probe: Mutex<Instant>,
+    /// Set on cluster members: topology snapshots are not written.
+    topology_in_log: AtomicBool,
 }
 
 impl Durable {
@@ -167,6 +168,7 @@ impl Durable {
             written: Mutex::new((0, recovered.metadata.clone().unwrap_or_default())),
             disk_alarm: AtomicBool::new(false),
             last_probe: Mutex::new(Instant::now()),
+            topology_in_log: AtomicBool::new(false),
         };
         Ok((Arc::new(durable), recovered))
     }
@@ -202,8 +204,24 @@ impl Durable {
                 self.attach(&queue);
             }
         }
+        self.restore_messages(broker, recovered.queues)
+    }
+
+    /// Keeps the topology out of the store from now on: a cluster member's
+    /// topology is the decided Paxos log, which it replays at startup.
+    pub fn set_topology_in_log(&self) {
+        self.topology_in_log.store(true, Ordering::SeqCst);
+    }
+
+    /// Puts the recovered messages back into their queues (which must exist
+    /// by now); messages of queues that no longer exist are dropped.
+    pub fn restore_messages(
+        &self,
+        broker: &Broker,
+        queues: BTreeMap<String, Vec<store::RecoveredMessage>>,
+    ) -> Result<(), Error> {
         let mut n_messages = 0usize;
-        for (key, messages) in recovered.queues {
+        for (key, messages) in queues {
             let queue = parse_queue_key(&key).and_then(|(vhost, name)| broker.queue(vhost, name));
             let Some(queue) = queue.filter(|q| q.log().is_some()) else {
                 tracing::warn!(queue = %key, "dropping recovered messages of a queue that no longer exists");
@@ -252,7 +270,7 @@ impl Durable {
     /// Called with the metadata write lock held, before `command` applies:
     /// whether the change can touch the durable topology.
     pub fn before_command(&self, meta: &Metadata, command: &Command) -> bool {
-        changes_durable_topology(meta, command)
+        !self.topology_in_log.load(Ordering::SeqCst) && changes_durable_topology(meta, command)
     }
 
     /// Called with the metadata write lock held, after a change that touched
@@ -570,72 +588,7 @@ fn changes_durable_topology(meta: &Metadata, command: &Command) -> bool {
 /// The durable subset of `meta` as commands that rebuild it, in order:
 /// vhosts, users, permissions, exchanges, queues, bindings.
 fn durable_commands(meta: &Metadata) -> Vec<Command> {
-    let mut commands = Vec::new();
-    for name in meta.vhosts.keys() {
-        commands.push(Command::AddVhost { name: name.clone() });
-    }
-    for user in meta.users.values() {
-        commands.push(Command::PutUser {
-            name: user.name.clone(),
-            password_hash: user.password_hash.clone(),
-            tags: user.tags.clone(),
-        });
-    }
-    for ((vhost, user), p) in &meta.permissions {
-        commands.push(Command::SetPermissions {
-            vhost: vhost.clone(),
-            user: user.clone(),
-            configure: p.configure.clone(),
-            write: p.write.clone(),
-            read: p.read.clone(),
-        });
-    }
-    for (vhost_name, vhost) in &meta.vhosts {
-        for exchange in vhost.exchanges.values() {
-            // Standard exchanges come back with their vhost.
-            if exchange.def.durable && !is_standard_exchange(&exchange.def.name) {
-                commands.push(Command::DeclareExchange {
-                    vhost: vhost_name.clone(),
-                    exchange: exchange.def.clone(),
-                });
-            }
-        }
-        for queue in vhost.queues.values() {
-            if is_durable_queue(queue) {
-                commands.push(Command::DeclareQueue {
-                    vhost: vhost_name.clone(),
-                    queue: queue.clone(),
-                });
-            }
-        }
-        let durable_queues: BTreeSet<&str> = vhost
-            .queues
-            .values()
-            .filter(|q| is_durable_queue(q))
-            .map(|q| q.name.as_str())
-            .collect();
-        for (source, binding) in meta.bindings(vhost_name) {
-            let source_durable = vhost.exchanges.get(&source).is_some_and(|e| e.def.durable);
-            let destination_durable = match &binding.destination {
-                Destination::Queue(name) => durable_queues.contains(name.as_str()),
-                Destination::Exchange(name) => {
-                    vhost.exchanges.get(name).is_some_and(|e| e.def.durable)
-                }
-            };
-            if source_durable && destination_durable {
-                commands.push(Command::Bind {
-                    vhost: vhost_name.clone(),
-                    source,
-                    binding,
-                });
-            }
-        }
-    }
-    commands
-}
-
-fn is_standard_exchange(name: &str) -> bool {
-    name.is_empty() || name.starts_with("amq.")
+    meta.commands_where(|exchange| exchange.durable, is_durable_queue)
 }
 
 /// Brings a fresh broker's metadata to the snapshot: removes bootstrap

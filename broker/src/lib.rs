@@ -39,6 +39,7 @@ pub mod mgmt;
 pub mod paxos;
 pub mod protocol;
 pub mod queue;
+pub mod replication;
 pub mod server;
 pub mod store;
 

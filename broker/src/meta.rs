@@ -221,6 +221,11 @@ pub enum MetaError {
     /// Malformed input such as an unknown exchange type (503 or 400).
     #[error("{0}")]
     Invalid(String),
+    /// The cluster could not decide the change: this node cannot reach a
+    /// majority, or the decision took too long (405 RESOURCE_LOCKED, a
+    /// channel error, so the connection and its consumers survive; HTTP 503).
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl MetaError {
@@ -232,6 +237,7 @@ impl MetaError {
             MetaError::PreconditionFailed(_) => reply::PRECONDITION_FAILED,
             MetaError::AccessRefused(_) => reply::ACCESS_REFUSED,
             MetaError::Invalid(_) => reply::COMMAND_INVALID,
+            MetaError::Unavailable(_) => reply::RESOURCE_LOCKED,
         }
     }
 }
@@ -539,6 +545,106 @@ impl Metadata {
         true
     }
 
+    /// Whether applying `command` would change nothing and succeed: an
+    /// equivalent redeclaration or an existing binding. A cluster member
+    /// answers these from its own copy instead of deciding them again.
+    pub fn is_noop(&self, command: &Command) -> bool {
+        match command {
+            Command::AddVhost { name } => self.vhosts.contains_key(name),
+            Command::DeclareExchange { vhost, exchange } => self
+                .vhosts
+                .get(vhost)
+                .and_then(|v| v.exchanges.get(&exchange.name))
+                .is_some_and(|e| check_exchange_equivalent(&e.def, exchange, vhost).is_ok()),
+            Command::DeclareQueue { vhost, queue } => self
+                .vhosts
+                .get(vhost)
+                .and_then(|v| v.queues.get(&queue.name))
+                .is_some_and(|q| check_queue_equivalent(q, queue, vhost).is_ok()),
+            Command::Bind {
+                vhost,
+                source,
+                binding,
+            } => self
+                .vhosts
+                .get(vhost)
+                .and_then(|v| v.exchanges.get(source))
+                .is_some_and(|e| e.router.bindings().contains(binding)),
+            _ => false,
+        }
+    }
+
+    /// Commands that rebuild the part of the metadata that `keep_exchange`
+    /// and `keep_queue` select (plus every vhost, user and permission), in
+    /// an order that applies cleanly to fresh metadata: vhosts, users,
+    /// permissions, then per vhost exchanges, queues and the bindings whose
+    /// source and destination are both kept. Standard exchanges come back
+    /// with their vhost and are not listed.
+    pub fn commands_where(
+        &self,
+        keep_exchange: impl Fn(&ExchangeDef) -> bool,
+        keep_queue: impl Fn(&QueueDef) -> bool,
+    ) -> Vec<Command> {
+        let mut commands = Vec::new();
+        for name in self.vhosts.keys() {
+            commands.push(Command::AddVhost { name: name.clone() });
+        }
+        for user in self.users.values() {
+            commands.push(Command::PutUser {
+                name: user.name.clone(),
+                password_hash: user.password_hash.clone(),
+                tags: user.tags.clone(),
+            });
+        }
+        for ((vhost, user), p) in &self.permissions {
+            commands.push(Command::SetPermissions {
+                vhost: vhost.clone(),
+                user: user.clone(),
+                configure: p.configure.clone(),
+                write: p.write.clone(),
+                read: p.read.clone(),
+            });
+        }
+        for (vhost_name, vhost) in &self.vhosts {
+            let kept_exchange = |name: &str| {
+                vhost
+                    .exchanges
+                    .get(name)
+                    .is_some_and(|e| is_standard_exchange(name) || keep_exchange(&e.def))
+            };
+            for exchange in vhost.exchanges.values() {
+                if !is_standard_exchange(&exchange.def.name) && keep_exchange(&exchange.def) {
+                    commands.push(Command::DeclareExchange {
+                        vhost: vhost_name.clone(),
+                        exchange: exchange.def.clone(),
+                    });
+                }
+            }
+            for queue in vhost.queues.values() {
+                if keep_queue(queue) {
+                    commands.push(Command::DeclareQueue {
+                        vhost: vhost_name.clone(),
+                        queue: queue.clone(),
+                    });
+                }
+            }
+            for (source, binding) in self.bindings(vhost_name) {
+                let destination_kept = match &binding.destination {
+                    Destination::Queue(name) => vhost.queues.get(name).is_some_and(&keep_queue),
+                    Destination::Exchange(name) => kept_exchange(name),
+                };
+                if kept_exchange(&source) && destination_kept {
+                    commands.push(Command::Bind {
+                        vhost: vhost_name.clone(),
+                        source,
+                        binding,
+                    });
+                }
+            }
+        }
+        commands
+    }
+
     /// Every binding in a vhost as (source, binding), default exchange
     /// bindings excluded.
     pub fn bindings(&self, vhost: &str) -> Vec<(String, Binding)> {
@@ -556,6 +662,11 @@ impl Metadata {
             })
             .collect()
     }
+}
+
+/// The default exchange and `amq.*` exist in every vhost from its creation.
+pub fn is_standard_exchange(name: &str) -> bool {
+    name.is_empty() || name.starts_with("amq.")
 }
 
 /// Names travel as AMQP short strings (the management API could otherwise

@@ -34,6 +34,14 @@ pub enum Error {
     /// The cluster member could not start (listener, secret file, Paxos storage).
     #[error("cluster: {0}")]
     Cluster(#[from] crate::cluster::Error),
+    /// The stored Paxos log was not replayed in time.
+    #[error("cluster: the stored log was replayed only to slot {applied} of {index} in time")]
+    Replay {
+        /// Decided index found on disk.
+        index: u64,
+        /// Slot reached.
+        applied: u64,
+    },
 }
 
 impl Error {
@@ -184,19 +192,19 @@ async fn start_inner(
         None
     };
     let broker = Broker::new(settings, metrics);
-    if let Some((durable, recovered)) = durable_opened {
-        durable.restore(&broker, recovered)?;
-    }
     // Paxos state lives in the data directory, so only a durable broker
     // joins a cluster; an in-memory one stays a single node.
-    if durable
-        && !config.peers.is_empty()
-        && let Err(err) = join_cluster(&broker, &config).await
-    {
-        if let Some(durable) = broker.durable() {
+    let clustered = durable && !config.peers.is_empty();
+    if let Some((durable, recovered)) = durable_opened {
+        let restored = if clustered {
+            join_cluster(&broker, &config, &durable, recovered).await
+        } else {
+            durable.restore(&broker, recovered).map_err(Error::from)
+        };
+        if let Err(err) = restored {
             durable.close();
+            return Err(err);
         }
-        return Err(err);
     }
     let listener = TcpListener::bind(config.amqp_listen)
         .await
@@ -226,10 +234,18 @@ async fn start_inner(
 }
 
 /// Starts this node's Paxos member on `--cluster-listen` with the `--peers`
-/// seed list and attaches it to the broker.
-async fn join_cluster(broker: &Arc<Broker>, config: &Config) -> Result<(), Error> {
+/// seed list and makes it the source of the broker's metadata: replays the
+/// stored log, puts the store's messages back into the queues that exist at
+/// that point, then deletes (through the log) the transient queues this
+/// node's previous run left behind.
+async fn join_cluster(
+    broker: &Arc<Broker>,
+    config: &Config,
+    durable: &Arc<crate::durable::Durable>,
+    recovered: crate::store::Recovered,
+) -> Result<(), Error> {
     let cluster_config = crate::cluster::ClusterConfig::from_broker_config(config)?;
-    let (node, mut applied) = crate::cluster::ClusterNode::start(
+    let (node, applied) = crate::cluster::ClusterNode::start(
         cluster_config,
         config.cluster_listen,
         broker.metrics.clone(),
@@ -240,14 +256,26 @@ async fn join_cluster(broker: &Arc<Broker>, config: &Config) -> Result<(), Error
         config.node_name,
         node.local_addr()
     );
-    // Topology is not yet carried in the log, so decided entries are only
-    // read (the node waits when nobody reads them) and logged.
-    tokio::spawn(async move {
-        while let Some(entry) = applied.recv().await {
-            tracing::debug!(?entry, "decided");
-        }
-    });
-    broker.attach_cluster(Arc::new(node));
+    let node = Arc::new(node);
+    durable.set_topology_in_log();
+    broker.attach_durable(durable.clone());
+    broker.attach_cluster(node.clone());
+    let replication = crate::replication::Replication::new(&config.node_name, node.clone());
+    tokio::spawn(replication.clone().run_applier(broker.clone(), applied));
+    let replay_to = node.decided_at_start();
+    if !replication
+        .wait_applied(replay_to, crate::replication::REPLAY_TIMEOUT)
+        .await
+    {
+        node.stop().await;
+        return Err(Error::Replay {
+            index: replay_to,
+            applied: replication.applied_index(),
+        });
+    }
+    broker.attach_replication(replication.clone());
+    durable.restore_messages(broker, recovered.queues)?;
+    tokio::spawn(replication.drop_stale_queues(broker.clone(), crate::replication::REPLAY_TIMEOUT));
     Ok(())
 }
 

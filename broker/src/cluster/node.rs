@@ -165,6 +165,7 @@ pub struct ClusterNode {
     commands: mpsc::Sender<Command>,
     status: watch::Receiver<ClusterStatus>,
     local_addr: SocketAddr,
+    decided_at_start: u64,
     shutdown: watch::Sender<bool>,
     // The driver and the listener. Behind a mutex so that a node shared by
     // the broker (`Arc`) can still be stopped and awaited once.
@@ -245,6 +246,7 @@ impl ClusterNode {
         );
         options.election_ticks = config.election_ticks;
         options.heartbeat_ticks = config.heartbeat_ticks;
+        let decided_at_start = stored.hard_state.as_ref().map_or(0, |h| h.decided);
         let paxos = Paxos::restore(options, stored);
         let (status_tx, status_rx) = watch::channel(stopped_status(&id));
         let (commands_tx, commands_rx) = mpsc::channel(COMMANDS_MAX);
@@ -267,6 +269,7 @@ impl ClusterNode {
                 commands: commands_tx,
                 status: status_rx,
                 local_addr,
+                decided_at_start,
                 shutdown: shutdown_tx,
                 tasks: std::sync::Mutex::new(vec![task, listen_task]),
             },
@@ -277,6 +280,12 @@ impl ClusterNode {
     /// The address the cluster listener is bound to.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The decided index found on disk at start: the application has
+    /// replayed its stored state once it has applied this slot.
+    pub fn decided_at_start(&self) -> u64 {
+        self.decided_at_start
     }
 
     /// This node's current view of the cluster.

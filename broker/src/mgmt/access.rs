@@ -97,18 +97,24 @@ async fn put_vhost(
     if vhost.is_empty() {
         return Err(Error::BadRequest("vhost name must not be empty".into()));
     }
-    let outcome = state.broker.execute(Command::AddVhost {
-        name: vhost.clone(),
-    })?;
+    let outcome = state
+        .broker
+        .submit(Command::AddVhost {
+            name: vhost.clone(),
+        })
+        .await?;
     if outcome.created {
         // As RabbitMQ does: the user who creates a vhost may use it.
-        state.broker.execute(Command::SetPermissions {
-            vhost,
-            user: caller.name.clone(),
-            configure: ".*".into(),
-            write: ".*".into(),
-            read: ".*".into(),
-        })?;
+        state
+            .broker
+            .submit(Command::SetPermissions {
+                vhost,
+                user: caller.name.clone(),
+                configure: ".*".into(),
+                write: ".*".into(),
+                read: ".*".into(),
+            })
+            .await?;
     }
     Ok(created_or_not(outcome.created))
 }
@@ -119,7 +125,10 @@ async fn delete_vhost(
     Path(vhost): Path<String>,
 ) -> Result<StatusCode, Error> {
     caller.require_administrator()?;
-    state.broker.execute(Command::DeleteVhost { name: vhost })?;
+    state
+        .broker
+        .submit(Command::DeleteVhost { name: vhost })
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -224,11 +233,14 @@ async fn put_user(
             }
         },
     };
-    let outcome = state.broker.execute(Command::PutUser {
-        name,
-        password_hash,
-        tags: split_tags(&body.tags),
-    })?;
+    let outcome = state
+        .broker
+        .submit(Command::PutUser {
+            name,
+            password_hash,
+            tags: split_tags(&body.tags),
+        })
+        .await?;
     Ok(created_or_not(outcome.created))
 }
 
@@ -238,7 +250,7 @@ async fn delete_user(
     Path(name): Path<String>,
 ) -> Result<StatusCode, Error> {
     caller.require_administrator()?;
-    state.broker.execute(Command::DeleteUser { name })?;
+    state.broker.submit(Command::DeleteUser { name }).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -337,13 +349,14 @@ async fn put_permission(
         .any(|(v, u, _)| *v == vhost && *u == user);
     state
         .broker
-        .execute(Command::SetPermissions {
+        .submit(Command::SetPermissions {
             vhost,
             user,
             configure: body.configure,
             write: body.write,
             read: body.read,
         })
+        .await
         .map_err(|err| match err {
             // A permission needs both ends; RabbitMQ answers 400 here.
             MetaError::NotFound(reason) | MetaError::Invalid(reason) => Error::BadRequest(reason),
@@ -370,6 +383,7 @@ async fn delete_permission(
     }
     state
         .broker
-        .execute(Command::ClearPermissions { vhost, user })?;
+        .submit(Command::ClearPermissions { vhost, user })
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }

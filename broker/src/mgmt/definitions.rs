@@ -267,7 +267,8 @@ async fn import(
         let n_commands = commands.len() as u64;
         for (i, (what, command)) in commands.into_iter().enumerate() {
             broker
-                .execute(command)
+                .submit(command)
+                .await
                 .map_err(|err| at(section, i, what)(err.into()))?;
         }
         imported.insert(section.to_string(), n_commands);

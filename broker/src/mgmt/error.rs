@@ -73,6 +73,7 @@ impl From<MetaError> for Error {
             MetaError::PreconditionFailed(reason) => Error::Conflict(reason),
             MetaError::AccessRefused(reason) => Error::Forbidden(reason),
             MetaError::Invalid(reason) => Error::BadRequest(reason),
+            MetaError::Unavailable(reason) => Error::Unavailable(reason),
         }
     }
 }

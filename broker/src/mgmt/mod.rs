@@ -1,7 +1,7 @@
 //! Management HTTP API (RabbitMQ-compatible paths and JSON shapes) and the
 //! Prometheus `/metrics` endpoint, each served by axum on its own listener.
 //!
-//! Must not: change topology except through `Broker::execute(meta::Command)`
+//! Must not: change topology except through `Broker::submit(meta::Command)`
 //! (the path AMQP uses, which the cluster will route through Paxos), or
 //! keep counts of its own: every number comes from the broker's queues and
 //! its one metrics registry.

@@ -1,6 +1,6 @@
 //! Exchanges, queues and bindings: `/api/exchanges`, `/api/queues`,
 //! `/api/bindings`. PUT/POST declare and DELETE deletes, all through
-//! `Broker::execute(meta::Command)`; redeclaring equivalently is a no-op.
+//! `Broker::submit(meta::Command)`; redeclaring equivalently is a no-op.
 //! Must not: keep message counts of its own (they come from the queues).
 
 use axum::extract::{Path, Query, State};
@@ -156,17 +156,20 @@ async fn put_exchange(
     if state.broker.exchange(&vhost, &name).is_none() {
         refuse_reserved("exchange", &name, &vhost)?;
     }
-    let outcome = state.broker.execute(Command::DeclareExchange {
-        vhost,
-        exchange: ExchangeDef {
-            name,
-            kind: exchange_kind(body.kind),
-            durable: body.durable,
-            auto_delete: body.auto_delete,
-            internal: body.internal,
-            arguments: arguments_to_table(&body.arguments)?,
-        },
-    })?;
+    let outcome = state
+        .broker
+        .submit(Command::DeclareExchange {
+            vhost,
+            exchange: ExchangeDef {
+                name,
+                kind: exchange_kind(body.kind),
+                durable: body.durable,
+                auto_delete: body.auto_delete,
+                internal: body.internal,
+                arguments: arguments_to_table(&body.arguments)?,
+            },
+        })
+        .await?;
     Ok(created_or_not(outcome.created))
 }
 
@@ -187,11 +190,14 @@ async fn delete_exchange(
 ) -> Result<StatusCode, Error> {
     caller.require_access(&vhost, Access::Configure, &name)?;
     refuse_reserved("exchange", &name, &vhost)?;
-    state.broker.execute(Command::DeleteExchange {
-        vhost,
-        name,
-        if_unused: options.if_unused,
-    })?;
+    state
+        .broker
+        .submit(Command::DeleteExchange {
+            vhost,
+            name,
+            if_unused: options.if_unused,
+        })
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -244,14 +250,21 @@ async fn list_vhost_queues(
 }
 
 fn find_queue(state: &AppState, vhost: &str, name: &str) -> Result<QueueInfo, Error> {
-    let queue = state
-        .broker
-        .queue(vhost, name)
-        .ok_or_else(|| Error::NotFound(format!("no queue '{name}' in vhost '{vhost}'")))?;
-    let summary = QueueSummary {
-        vhost: queue.vhost.clone(),
-        def: queue.def.clone(),
-        counts: queue.counts(),
+    let summary = match state.broker.queue(vhost, name) {
+        Some(queue) => QueueSummary {
+            vhost: queue.vhost.clone(),
+            def: queue.def.clone(),
+            counts: queue.counts(),
+        },
+        // Homed on another node: its counts are that node's to tell.
+        None => QueueSummary {
+            vhost: vhost.to_string(),
+            def: state
+                .broker
+                .queue_def(vhost, name)
+                .ok_or_else(|| Error::NotFound(format!("no queue '{name}' in vhost '{vhost}'")))?,
+            counts: Default::default(),
+        },
     };
     Ok(queue_info(&state.broker.settings.node_name, summary))
 }
@@ -275,18 +288,21 @@ async fn put_queue(
     if state.broker.queue(&vhost, &name).is_none() {
         refuse_reserved("queue", &name, &vhost)?;
     }
-    let outcome = state.broker.execute(Command::DeclareQueue {
-        vhost,
-        queue: QueueDef {
-            name,
-            durable: body.durable,
-            exclusive_owner: None,
-            auto_delete: body.auto_delete,
-            arguments: arguments_to_table(&body.arguments)?,
-            // One node today; `node` is a preference the cluster will honour.
-            home_node: state.broker.settings.node_name.clone(),
-        },
-    })?;
+    let outcome = state
+        .broker
+        .submit(Command::DeclareQueue {
+            vhost,
+            queue: QueueDef {
+                name,
+                durable: body.durable,
+                exclusive_owner: None,
+                auto_delete: body.auto_delete,
+                arguments: arguments_to_table(&body.arguments)?,
+                // One node today; `node` is a preference the cluster will honour.
+                home_node: state.broker.settings.node_name.clone(),
+            },
+        })
+        .await?;
     Ok(created_or_not(outcome.created))
 }
 
@@ -308,7 +324,10 @@ async fn delete_queue(
             "queue '{name}' in vhost '{vhost}' in use"
         )));
     }
-    state.broker.execute(Command::DeleteQueue { vhost, name })?;
+    state
+        .broker
+        .submit(Command::DeleteQueue { vhost, name })
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -489,15 +508,18 @@ async fn post_binding(
         encode_segment(&dest),
         key
     );
-    state.broker.execute(Command::Bind {
-        vhost,
-        source,
-        binding: Binding {
-            destination: destination(kind, dest),
-            routing_key: body.routing_key,
-            arguments: arguments_to_table(&body.arguments)?,
-        },
-    })?;
+    state
+        .broker
+        .submit(Command::Bind {
+            vhost,
+            source,
+            binding: Binding {
+                destination: destination(kind, dest),
+                routing_key: body.routing_key,
+                arguments: arguments_to_table(&body.arguments)?,
+            },
+        })
+        .await?;
     let mut response = StatusCode::CREATED.into_response();
     if let Ok(value) = HeaderValue::from_str(&location) {
         response.headers_mut().insert(header::LOCATION, value);
@@ -564,10 +586,13 @@ async fn delete_binding(
                 wanted.name()
             ))
         })?;
-    state.broker.execute(Command::Unbind {
-        vhost,
-        source,
-        binding,
-    })?;
+    state
+        .broker
+        .submit(Command::Unbind {
+            vhost,
+            source,
+            binding,
+        })
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
