@@ -6,7 +6,7 @@
 
 mod multinode;
 
-use futures_util::StreamExt;
+use futures::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
     ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
@@ -43,20 +43,20 @@ async fn topology_declared_on_any_node_is_served_by_every_node() {
     let a = cluster.connect(0).await;
     let ch = a.create_channel().await.expect("channel");
     ch.exchange_declare(
-        "logs",
+        "logs".into(),
         ExchangeKind::Fanout,
         ExchangeDeclareOptions::default(),
         FieldTable::default(),
     )
     .await
     .expect("declare exchange on alpha");
-    ch.queue_declare("orders", durable_queue(), FieldTable::default())
+    ch.queue_declare("orders".into(), durable_queue(), FieldTable::default())
         .await
         .expect("declare queue on alpha");
     ch.queue_bind(
-        "orders",
-        "logs",
-        "",
+        "orders".into(),
+        "logs".into(),
+        "".into(),
         QueueBindOptions::default(),
         FieldTable::default(),
     )
@@ -64,20 +64,31 @@ async fn topology_declared_on_any_node_is_served_by_every_node() {
     .expect("bind on alpha");
 
     for i in [1, 2] {
+        // Other nodes apply the decided log a moment after alpha answers.
+        let node = &cluster;
+        node.wait_until("the binding is applied on every node", || async move {
+            node.get(i, "/api/bindings/%2f/e/logs/q/orders").await.1 != serde_json::json!([])
+        })
+        .await;
         let conn = cluster.connect(i).await;
         let ch = conn.create_channel().await.expect("channel");
         let passive = ExchangeDeclareOptions {
             passive: true,
             ..ExchangeDeclareOptions::default()
         };
-        ch.exchange_declare("logs", ExchangeKind::Fanout, passive, FieldTable::default())
-            .await
-            .expect("exchange decided before alpha answered, so it is here");
+        ch.exchange_declare(
+            "logs".into(),
+            ExchangeKind::Fanout,
+            passive,
+            FieldTable::default(),
+        )
+        .await
+        .expect("exchange decided before alpha answered, so it is here");
         let passive = QueueDeclareOptions {
             passive: true,
             ..QueueDeclareOptions::default()
         };
-        ch.queue_declare("orders", passive, FieldTable::default())
+        ch.queue_declare("orders".into(), passive, FieldTable::default())
             .await
             .expect("queue known on every node");
         let (status, queue) = cluster.get(i, "/api/queues/%2f/orders").await;
@@ -93,7 +104,7 @@ async fn topology_declared_on_any_node_is_served_by_every_node() {
     let ch_b = b.create_channel().await.expect("channel");
     let err = ch_b
         .queue_declare(
-            "orders",
+            "orders".into(),
             QueueDeclareOptions::default(),
             FieldTable::default(),
         )
@@ -104,16 +115,21 @@ async fn topology_declared_on_any_node_is_served_by_every_node() {
     // Delete on charlie: gone on every node.
     let c = cluster.connect(2).await;
     let ch_c = c.create_channel().await.expect("channel");
-    ch_c.queue_delete("orders", QueueDeleteOptions::default())
+    ch_c.queue_delete("orders".into(), QueueDeleteOptions::default())
         .await
         .expect("delete on charlie");
-    for i in all(3) {
-        let (status, _) = cluster.get(i, "/api/queues/%2f/orders").await;
-        assert_eq!(
-            status,
-            StatusCode::NOT_FOUND,
-            "delete is decided before charlie answers, so no node has it"
-        );
+    let (status, _) = cluster.get(2, "/api/queues/%2f/orders").await;
+    assert_eq!(
+        status,
+        StatusCode::NOT_FOUND,
+        "applied before charlie answered"
+    );
+    for i in [0, 1] {
+        let node = &cluster;
+        node.wait_until("the delete is applied on every node", || async move {
+            node.get(i, "/api/queues/%2f/orders").await.0 == StatusCode::NOT_FOUND
+        })
+        .await;
     }
 }
 
@@ -130,8 +146,12 @@ async fn concurrent_conflicting_declarations_on_two_nodes_resolve_to_one_winner(
         let ch_a = a.create_channel().await.expect("channel");
         let ch_b = b.create_channel().await.expect("channel");
         let (on_a, on_b) = tokio::join!(
-            ch_a.queue_declare(&name, durable_queue(), FieldTable::default()),
-            ch_b.queue_declare(&name, QueueDeclareOptions::default(), FieldTable::default()),
+            ch_a.queue_declare(name.as_str().into(), durable_queue(), FieldTable::default()),
+            ch_b.queue_declare(
+                name.as_str().into(),
+                QueueDeclareOptions::default(),
+                FieldTable::default()
+            ),
         );
         let winner_durable = match (&on_a, &on_b) {
             (Ok(_), Err(err)) => {
@@ -146,8 +166,13 @@ async fn concurrent_conflicting_declarations_on_two_nodes_resolve_to_one_winner(
         };
         for i in all(3) {
             let path = format!("/api/queues/%2f/{name}");
-            let (status, queue) = cluster.get(i, &path).await;
-            assert_eq!(status, StatusCode::OK, "{queue}");
+            let node = &cluster;
+            let path = &path;
+            node.wait_until("every node applies the winner", || async move {
+                node.get(i, path).await.0 == StatusCode::OK
+            })
+            .await;
+            let (_, queue) = cluster.get(i, path).await;
             assert_eq!(
                 queue["durable"], winner_durable,
                 "node {i} holds the winner"
@@ -169,7 +194,7 @@ async fn a_node_without_a_majority_refuses_changes_and_converges_after_healing()
     let ch = a.create_channel().await.expect("channel");
     let refused = tokio::time::timeout(
         WAIT,
-        ch.queue_declare("lonely", durable_queue(), FieldTable::default()),
+        ch.queue_declare("lonely".into(), durable_queue(), FieldTable::default()),
     )
     .await
     .expect("an answer, not a hang")
@@ -187,7 +212,7 @@ async fn a_node_without_a_majority_refuses_changes_and_converges_after_healing()
     cluster.spawn(2);
     cluster.wait_agreed(&all(3)).await;
     let ch = a.create_channel().await.expect("channel after the refusal");
-    ch.queue_declare("lonely", durable_queue(), FieldTable::default())
+    ch.queue_declare("lonely".into(), durable_queue(), FieldTable::default())
         .await
         .expect("decided once the majority is back");
     let expected = cluster.queues(0).await;
@@ -214,11 +239,11 @@ async fn a_restarted_home_node_keeps_durable_queues_and_messages_and_drops_trans
     {
         let a = cluster.connect(0).await;
         let ch = a.create_channel().await.expect("channel");
-        ch.queue_declare("keep", durable_queue(), FieldTable::default())
+        ch.queue_declare("keep".into(), durable_queue(), FieldTable::default())
             .await
             .expect("durable queue");
         ch.queue_declare(
-            "temp",
+            "temp".into(),
             QueueDeclareOptions::default(),
             FieldTable::default(),
         )
@@ -229,8 +254,8 @@ async fn a_restarted_home_node_keeps_durable_queues_and_messages_and_drops_trans
             .expect("confirms");
         for i in 0..200u32 {
             ch.basic_publish(
-                "",
-                "keep",
+                "".into(),
+                "keep".into(),
                 BasicPublishOptions::default(),
                 &i.to_be_bytes(),
                 BasicProperties::default().with_delivery_mode(2),
@@ -249,8 +274,8 @@ async fn a_restarted_home_node_keeps_durable_queues_and_messages_and_drops_trans
     let ch = a.create_channel().await.expect("channel");
     let mut consumer = ch
         .basic_consume(
-            "keep",
-            "after-restart",
+            "keep".into(),
+            "after-restart".into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
         )
