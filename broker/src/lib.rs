@@ -32,6 +32,7 @@ pub mod connection;
 pub mod durable;
 pub mod exchange;
 pub mod limits;
+pub mod local;
 pub mod message;
 pub mod meta;
 pub mod metrics;

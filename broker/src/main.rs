@@ -1,6 +1,7 @@
 //! The `synod-broker` binary: parse flags, set up logging, run the library
 //! until SIGTERM/SIGINT, then drain. Exit codes: 0 clean shutdown, 1 runtime
-//! failure, 2 bad configuration.
+//! failure, 2 bad configuration. `synod-broker local-cluster` runs a cluster
+//! of several such processes on this machine instead (see `local`).
 
 use clap::Parser;
 use synod_broker::config::{Args, Config};
@@ -14,6 +15,9 @@ fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
+    if std::env::args().nth(1).as_deref() == Some("local-cluster") {
+        return local_cluster();
+    }
     let config = match Config::from_args(Args::parse()) {
         Ok(config) => config,
         Err(err) => {
@@ -33,6 +37,24 @@ fn main() -> std::process::ExitCode {
         Err(err) => {
             eprintln!("synod-broker: {err}");
             std::process::ExitCode::from(err.exit_code())
+        }
+    }
+}
+
+fn local_cluster() -> std::process::ExitCode {
+    let args = synod_broker::local::LocalArgs::parse_from(std::env::args().skip(1));
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("synod-broker: cannot start the runtime: {err}");
+            return std::process::ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(synod_broker::local::run(args, shutdown_signal())) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("synod-broker local-cluster: {err}");
+            std::process::ExitCode::from(1)
         }
     }
 }
