@@ -378,6 +378,45 @@ impl Broker {
         self.cancel_consumers_of(removed);
     }
 
+    /// The home node for a queue declared here with `arguments`: this node,
+    /// or with `x-queue-leader-locator: balanced` the cluster member that
+    /// holds the fewest queues (ties to the smallest name).
+    pub fn home_for(&self, arguments: &FieldTable) -> String {
+        let balanced = QueueArgs::parse(arguments).is_ok_and(|a| a.balanced_home);
+        let Some(cluster) = self.cluster().filter(|_| balanced) else {
+            return self.settings.node_name.clone();
+        };
+        let mut load: BTreeMap<String, usize> = cluster
+            .status()
+            .members
+            .into_iter()
+            .filter(|m| m.role == "voter")
+            .map(|m| (m.name, 0))
+            .collect();
+        if load.is_empty() {
+            return self.settings.node_name.clone();
+        }
+        for vhost in self.read().meta.vhosts.values() {
+            for queue in vhost.queues.values() {
+                if let Some(n) = load.get_mut(&queue.home_node) {
+                    *n += 1;
+                }
+            }
+        }
+        load.into_iter()
+            .min_by_key(|(name, n)| (*n, name.clone()))
+            .map(|(name, _)| name)
+            .unwrap_or_else(|| self.settings.node_name.clone())
+    }
+
+    /// Whether `node` is this node or a member of its cluster.
+    pub fn is_member(&self, node: &str) -> bool {
+        node == self.settings.node_name
+            || self
+                .cluster()
+                .is_some_and(|c| c.status().members.iter().any(|m| m.name == node))
+    }
+
     /// A queue's definition, wherever its home is.
     pub fn queue_def(&self, vhost: &str, name: &str) -> Option<QueueDef> {
         self.read()

@@ -2158,7 +2158,7 @@ impl Connection {
                 exclusive_owner: declare.exclusive.then(|| self.name.clone()),
                 auto_delete: declare.auto_delete,
                 arguments: declare.arguments.clone(),
-                home_node: self.broker.settings.node_name.clone(),
+                home_node: self.broker.home_for(&declare.arguments),
             },
         };
         self.execute_then(channel_id, command, move |conn, result| {

@@ -300,3 +300,46 @@ async fn a_restarted_home_node_keeps_durable_queues_and_messages_and_drops_trans
         assert_eq!(status, StatusCode::OK);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn balanced_queues_spread_over_the_members_and_a_named_home_is_honoured() {
+    // Goal: three queues declared on alpha with `x-queue-leader-locator:
+    // balanced` get three different home nodes; the management API places a
+    // queue on the member it names and refuses an unknown one with 400.
+    let cluster = Cluster::start("balanced", &NAMES).await;
+    let a = cluster.connect(0).await;
+    let ch = a.create_channel().await.expect("channel");
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-leader-locator".into(),
+        lapin::types::AMQPValue::LongString("balanced".into()),
+    );
+    let mut homes = Vec::new();
+    for i in 0..3 {
+        let name = format!("spread-{i}");
+        ch.queue_declare(name.as_str().into(), durable_queue(), args.clone())
+            .await
+            .expect("declare balanced");
+        let (_, queue) = cluster.get(0, &format!("/api/queues/%2f/{name}")).await;
+        homes.push(queue["node"].as_str().unwrap_or("").to_string());
+    }
+    homes.sort();
+    assert_eq!(homes, ["alpha", "bravo", "charlie"]);
+
+    let http = reqwest::Client::new();
+    let put = |node: &str| {
+        http.put(format!(
+            "{}/api/queues/%2f/placed-{node}",
+            cluster.nodes[0].mgmt
+        ))
+        .basic_auth("guest", Some("guest"))
+        .json(&serde_json::json!({"durable": true, "node": node}))
+        .send()
+    };
+    let placed = put("charlie").await.expect("PUT");
+    assert!(placed.status().is_success(), "{}", placed.status());
+    let (_, queue) = cluster.get(0, "/api/queues/%2f/placed-charlie").await;
+    assert_eq!(queue["node"], "charlie");
+    let unknown = put("zulu").await.expect("PUT");
+    assert_eq!(unknown.status(), StatusCode::BAD_REQUEST);
+}

@@ -171,6 +171,7 @@ async fn import(
     let mut queue_commands = Vec::new();
     for (i, q) in queues.iter().enumerate() {
         let what = format!("queue '{}' in vhost '{}'", q.name, q.vhost);
+        let arguments = arguments_to_table(&q.arguments).map_err(at("queues", i, what.clone()))?;
         queue_commands.push((
             what.clone(),
             Command::DeclareQueue {
@@ -180,8 +181,8 @@ async fn import(
                     durable: q.durable,
                     exclusive_owner: None,
                     auto_delete: q.auto_delete,
-                    arguments: arguments_to_table(&q.arguments).map_err(at("queues", i, what))?,
-                    home_node: broker.settings.node_name.clone(),
+                    arguments: arguments.clone(),
+                    home_node: broker.home_for(&arguments),
                 },
             },
         ));

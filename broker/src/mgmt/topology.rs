@@ -288,6 +288,16 @@ async fn put_queue(
     if state.broker.queue(&vhost, &name).is_none() {
         refuse_reserved("queue", &name, &vhost)?;
     }
+    let arguments = arguments_to_table(&body.arguments)?;
+    let home_node = match body.node {
+        Some(node) if state.broker.is_member(&node) => node,
+        Some(node) => {
+            return Err(Error::BadRequest(format!(
+                "node '{node}' is not a member of this cluster"
+            )));
+        }
+        None => state.broker.home_for(&arguments),
+    };
     let outcome = state
         .broker
         .submit(Command::DeclareQueue {
@@ -297,9 +307,8 @@ async fn put_queue(
                 durable: body.durable,
                 exclusive_owner: None,
                 auto_delete: body.auto_delete,
-                arguments: arguments_to_table(&body.arguments)?,
-                // One node today; `node` is a preference the cluster will honour.
-                home_node: state.broker.settings.node_name.clone(),
+                arguments,
+                home_node,
             },
         })
         .await?;

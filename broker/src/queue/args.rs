@@ -35,6 +35,9 @@ pub struct QueueArgs {
     pub overflow: Overflow,
     /// `x-dead-letter-exchange`.
     pub dead_letter_exchange: Option<String>,
+    /// `x-queue-leader-locator: balanced`: home the queue on the member
+    /// holding the fewest queues instead of the declaring node.
+    pub balanced_home: bool,
     /// `x-dead-letter-routing-key`.
     pub dead_letter_routing_key: Option<String>,
 }
@@ -71,6 +74,17 @@ impl QueueArgs {
                 "x-dead-letter-routing-key" => {
                     args.dead_letter_routing_key =
                         Some(text(value).ok_or_else(|| format!("invalid arg '{key}'"))?)
+                }
+                "x-queue-leader-locator" => {
+                    args.balanced_home = match text(value).as_deref() {
+                        Some("client-local") => false,
+                        Some("balanced") => true,
+                        _ => {
+                            return Err(format!(
+                                "invalid arg '{key}': {value:?} (client-local or balanced)"
+                            ));
+                        }
+                    }
                 }
                 "x-queue-type" => match text(value).as_deref() {
                     Some("classic") => {}
