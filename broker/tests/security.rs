@@ -612,3 +612,192 @@ async fn repeated_failed_logins_slow_down_only_their_address() {
     assert_eq!(broker.broker.metrics.auth_failures_total.get(), 3);
     broker.shutdown().await;
 }
+
+/// Replaces one randomly chosen node of `value` with a hostile value.
+fn mutate_json(value: &mut serde_json::Value, rng: &mut rand::rngs::StdRng) {
+    use rand::Rng;
+    use serde_json::{Value, json};
+    let descend = rng.random_range(0..4) != 0;
+    match value {
+        Value::Object(map) if descend && !map.is_empty() => {
+            let key = map
+                .keys()
+                .nth(rng.random_range(0..map.len()))
+                .cloned()
+                .expect("index in range");
+            if rng.random_range(0..8) == 0 {
+                map.remove(&key);
+            } else if let Some(child) = map.get_mut(&key) {
+                mutate_json(child, rng);
+            }
+            return;
+        }
+        Value::Array(items) if descend && !items.is_empty() => {
+            let at = rng.random_range(0..items.len());
+            mutate_json(&mut items[at], rng);
+            return;
+        }
+        _ => {}
+    }
+    let deep = (0..200).fold(json!(1), |inner, _| json!([inner]));
+    let choices = [
+        Value::Null,
+        json!(true),
+        json!(-1),
+        json!(u64::MAX),
+        json!(1e308),
+        json!(""),
+        json!("x".repeat(10_000)),
+        json!("\u{0}\u{ffff}/%2f../"),
+        json!([]),
+        json!({}),
+        json!({"x-max-length": "many", "x-message-ttl": -5, "x-overflow": 7}),
+        deep,
+    ];
+    *value = choices[rng.random_range(0..choices.len())].clone();
+}
+
+#[tokio::test]
+async fn hostile_management_json_gets_a_json_4xx_and_never_harms_the_broker() {
+    // Goal: random, byte-mutated and structurally mutated JSON to the definitions import and
+    // declare endpoints answers 2xx or a JSON 4xx error, never 5xx; the broker keeps serving.
+    use rand::{Rng, SeedableRng};
+    let seed: u64 = std::env::var("SYNOD_FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5EC);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let broker = start(&[], |_| {}).await;
+    let base = format!("http://{}", broker.mgmt_addr.expect("management listener"));
+    let client = reqwest::Client::new();
+    let put = |path: &str, body: serde_json::Value| {
+        client
+            .put(format!("{base}{path}"))
+            .basic_auth("guest", Some("guest"))
+            .json(&body)
+            .send()
+    };
+    // An administrator no definitions document names, so imports cannot lock the test out.
+    let admin = within(put(
+        "/api/users/fuzz-admin",
+        serde_json::json!({"password": "pw", "tags": "administrator"}),
+    ))
+    .await
+    .expect("create user");
+    assert!(admin.status().is_success(), "{}", admin.status());
+    let perms = within(put(
+        "/api/permissions/%2f/fuzz-admin",
+        serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"}),
+    ))
+    .await
+    .expect("permissions");
+    assert!(perms.status().is_success(), "{}", perms.status());
+
+    let definitions: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/data/rabbitmq-3.12-definitions.json"
+        ))
+        .expect("definitions file"),
+    )
+    .expect("definitions JSON");
+    let valid_bodies: Vec<(reqwest::Method, &str, serde_json::Value)> = vec![
+        (
+            reqwest::Method::POST,
+            "/api/definitions",
+            definitions.clone(),
+        ),
+        (
+            reqwest::Method::PUT,
+            "/api/queues/%2f/fuzzed",
+            serde_json::json!({"durable": true, "auto_delete": false, "arguments": {"x-max-length": 10}}),
+        ),
+        (
+            reqwest::Method::PUT,
+            "/api/exchanges/%2f/fuzzed",
+            serde_json::json!({"type": "topic", "durable": true, "arguments": {}}),
+        ),
+        (
+            reqwest::Method::PUT,
+            "/api/users/fuzzed",
+            serde_json::json!({"password": "x", "tags": "management"}),
+        ),
+        (
+            reqwest::Method::PUT,
+            "/api/permissions/%2f/fuzzed",
+            serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"}),
+        ),
+        (
+            reqwest::Method::POST,
+            "/api/bindings/%2f/e/amq.topic/q/fuzzed",
+            serde_json::json!({"routing_key": "a.#", "arguments": {}}),
+        ),
+        (
+            reqwest::Method::PUT,
+            "/api/vhosts/fuzzed",
+            serde_json::json!({}),
+        ),
+    ];
+    for round in 0..300 {
+        let (method, path, valid) = &valid_bodies[rng.random_range(0..valid_bodies.len())];
+        let body: Vec<u8> = match round % 3 {
+            0 => (0..rng.random_range(0..256))
+                .map(|_| rng.random())
+                .collect(),
+            1 => {
+                let mut bytes = serde_json::to_vec(valid).expect("encode");
+                for _ in 0..rng.random_range(1..4) {
+                    let at = rng.random_range(0..bytes.len());
+                    bytes[at] = rng.random();
+                }
+                bytes
+            }
+            _ => {
+                let mut value = valid.clone();
+                for _ in 0..rng.random_range(1..4) {
+                    mutate_json(&mut value, &mut rng);
+                }
+                serde_json::to_vec(&value).expect("encode")
+            }
+        };
+        let response = within(
+            client
+                .request(method.clone(), format!("{base}{path}"))
+                .basic_auth("fuzz-admin", Some("pw"))
+                .header("content-type", "application/json")
+                .body(body.clone())
+                .send(),
+        )
+        .await
+        .expect("an answer");
+        let status = response.status();
+        let text = within(response.text()).await.expect("body");
+        let context = format!(
+            "seed {seed} round {round} {method} {path} -> {status}: {text}\nbody: {}",
+            String::from_utf8_lossy(&body[..body.len().min(300)])
+        );
+        assert!(status.is_success() || status.is_client_error(), "{context}");
+        if status.is_client_error() {
+            let error: serde_json::Value = serde_json::from_str(&text).expect(&context);
+            assert!(
+                error.get("error").is_some() && error.get("reason").is_some(),
+                "{context}"
+            );
+        }
+    }
+    let overview = within(
+        client
+            .get(format!("{base}/api/overview"))
+            .basic_auth("fuzz-admin", Some("pw"))
+            .send(),
+    )
+    .await
+    .expect("overview");
+    assert_eq!(overview.status(), reqwest::StatusCode::OK, "seed {seed}");
+    let uri = format!("amqp://fuzz-admin:pw@{}/%2f", broker.amqp_addr);
+    let connection = within(Connection::connect(&uri, ConnectionProperties::default()))
+        .await
+        .expect("AMQP still served");
+    round_trip(&connection, "after-fuzz", b"alive").await;
+    broker.shutdown().await;
+}
