@@ -9,7 +9,8 @@ pub const FRAME_SIZE_MIN: u32 = 4_096;
 pub const CHANNELS_PER_CONNECTION_MAX: u16 = 2_047;
 /// Heartbeat interval offered in `connection.tune`, in seconds.
 pub const HEARTBEAT_INTERVAL_DEFAULT_S: u16 = 60;
-/// Time a client has to complete the AMQP handshake, in milliseconds.
+/// Time a client has to complete the TLS (AMQPS) and AMQP handshakes together,
+/// in milliseconds; then the socket is closed without a reply.
 pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 /// Largest message body accepted by default, in bytes (RabbitMQ's default
 /// `max_message_size`); `--max-message-size` lowers or raises it.
