@@ -1,5 +1,6 @@
 //! Passwords and SASL: RabbitMQ's `rabbit_password_hashing_sha256` format
-//! and the PLAIN / AMQPLAIN mechanisms. Pure: never touches the network.
+//! and the PLAIN / AMQPLAIN mechanisms (EXTERNAL is decided by the
+//! connection, which holds the verified certificate). Pure: never touches the network.
 //!
 //! A stored hash is `base64(salt || sha256(salt || password))` with a
 //! 4-byte salt, byte-compatible with RabbitMQ definitions exports.
@@ -60,6 +61,10 @@ pub struct Credentials {
 
 /// Mechanisms the broker offers in `connection.start`.
 pub const MECHANISMS: &str = "PLAIN AMQPLAIN";
+/// Mechanisms offered on a TLS connection whose client certificate was
+/// verified: EXTERNAL (the user is the certificate's subject common name, as
+/// RabbitMQ's `rabbitmq_auth_mechanism_ssl` does) first.
+pub const MECHANISMS_WITH_EXTERNAL: &str = "EXTERNAL PLAIN AMQPLAIN";
 
 /// Decodes a `start-ok` response for `mechanism`; `None` when malformed or
 /// the mechanism is not offered.

@@ -36,6 +36,19 @@ pub struct Settings {
     pub loopback_users: Vec<String>,
     /// Ready-message bytes above which publishers are blocked.
     pub memory_high_watermark_bytes: u64,
+    /// Largest message body accepted, in bytes (`--max-message-size`).
+    pub message_size_max: u64,
+    /// Open AMQP and AMQPS connections allowed at once.
+    pub connections_max: usize,
+    /// Time a client has to finish the TLS and AMQP handshakes, in milliseconds.
+    pub handshake_timeout_ms: u64,
+    /// Failed logins from one address, within `auth_failure_window_ms`,
+    /// after which its authentication replies are delayed.
+    pub auth_failures_per_window_max: u32,
+    /// Window over which failed logins are counted, in milliseconds.
+    pub auth_failure_window_ms: u64,
+    /// Delay of each authentication reply to a throttled address, in milliseconds.
+    pub auth_failure_delay_ms: u64,
 }
 
 impl Settings {
@@ -45,7 +58,20 @@ impl Settings {
             node_name: node_name.to_string(),
             loopback_users: vec!["guest".to_string()],
             memory_high_watermark_bytes: crate::limits::MEMORY_HIGH_WATERMARK_BYTES,
+            message_size_max: crate::limits::MESSAGE_SIZE_MAX,
+            connections_max: crate::limits::CONNECTIONS_MAX,
+            handshake_timeout_ms: crate::limits::HANDSHAKE_TIMEOUT_MS,
+            auth_failures_per_window_max: crate::limits::AUTH_FAILURES_PER_WINDOW_MAX,
+            auth_failure_window_ms: crate::limits::AUTH_FAILURE_WINDOW_MS,
+            auth_failure_delay_ms: crate::limits::AUTH_FAILURE_DELAY_MS,
         }
+    }
+
+    /// Defaults for `config`'s node, with the bounds it sets.
+    pub fn from_config(config: &crate::config::Config) -> Settings {
+        let mut settings = Settings::new(&config.node_name);
+        settings.message_size_max = config.max_message_size;
+        settings
     }
 }
 
@@ -189,6 +215,8 @@ pub struct Broker {
     pub settings: Settings,
     /// The metrics registry.
     pub metrics: Metrics,
+    /// Failed logins per client address (AMQP and management API).
+    pub login_throttle: crate::login_throttle::LoginThrottle,
     state: RwLock<State>,
     connections: Mutex<BTreeMap<u64, Arc<ConnectionHandle>>>,
     next_connection_id: AtomicU64,
@@ -231,9 +259,16 @@ impl Broker {
     /// full permissions on `/`), as a fresh RabbitMQ has.
     pub fn new(settings: Settings, metrics: Metrics) -> Arc<Broker> {
         let (alarm, _) = watch::channel(false);
+        let login_throttle = crate::login_throttle::LoginThrottle::new(
+            settings.auth_failures_per_window_max,
+            std::time::Duration::from_millis(settings.auth_failure_window_ms),
+            std::time::Duration::from_millis(settings.auth_failure_delay_ms),
+            crate::limits::AUTH_FAILURE_ADDRESSES_MAX,
+        );
         let broker = Broker {
             settings,
             metrics,
+            login_throttle,
             state: RwLock::new(State::default()),
             connections: Mutex::new(BTreeMap::new()),
             next_connection_id: AtomicU64::new(1),
@@ -799,6 +834,32 @@ impl Broker {
             }
             Some(_) => Err(format!("invalid credentials for user '{username}'")),
             None => Err(format!("user '{username}' does not exist")),
+        };
+        if result.is_err() {
+            self.metrics.auth_failures_total.inc();
+        }
+        result
+    }
+
+    /// Checks a user named by a verified client certificate (SASL
+    /// EXTERNAL): it must exist; no password is involved. The loopback-only
+    /// rule still applies. Counts failures in `auth_failures_total`.
+    pub fn authenticate_external(
+        &self,
+        username: &str,
+        from_loopback: bool,
+    ) -> Result<User, String> {
+        let user = self.read().meta.users.get(username).cloned();
+        let result = match user {
+            Some(_)
+                if !from_loopback && self.settings.loopback_users.iter().any(|u| u == username) =>
+            {
+                Err(format!("user '{username}' can only connect via localhost"))
+            }
+            Some(user) => Ok(user),
+            None => Err(format!(
+                "user '{username}' (certificate common name) does not exist"
+            )),
         };
         if result.is_err() {
             self.metrics.auth_failures_total.inc();

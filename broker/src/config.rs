@@ -76,6 +76,10 @@ pub struct Args {
     /// AMQP over TLS listen address (default when TLS is configured: `0.0.0.0:5671`).
     #[arg(long, env = "SYNOD_AMQPS_LISTEN")]
     pub amqps_listen: Option<String>,
+    /// Largest message body accepted, in bytes (default 134217728 = 128 MiB,
+    /// at most 536870912); a larger publish closes its channel with 406.
+    #[arg(long, env = "SYNOD_MAX_MESSAGE_SIZE")]
+    pub max_message_size: Option<u64>,
     /// Export per-queue metric series (`{vhost,queue}` labels) on `/metrics`
     /// (default: true); turn off for clusters with very many queues.
     #[arg(long, env = "SYNOD_METRICS_PER_QUEUE", action = clap::ArgAction::Set)]
@@ -101,6 +105,7 @@ struct FileConfig {
     tls_key: Option<PathBuf>,
     tls_ca: Option<PathBuf>,
     amqps_listen: Option<String>,
+    max_message_size: Option<u64>,
     metrics_per_queue: Option<bool>,
 }
 
@@ -136,8 +141,11 @@ pub struct Config {
     pub peers: BTreeMap<String, String>,
     /// File with the cluster secret; `Some` whenever `peers` is non-empty.
     pub cluster_secret_file: Option<PathBuf>,
-    /// TLS settings, when configured.
+    /// TLS settings, when configured: AMQPS on `amqps_listen`, HTTPS on
+    /// the management and metrics listeners.
     pub tls: Option<TlsConfig>,
+    /// Largest message body accepted, in bytes.
+    pub max_message_size: u64,
     /// Whether `/metrics` includes the per-queue series.
     pub metrics_per_queue: bool,
 }
@@ -198,6 +206,20 @@ impl Config {
             (Some(_), None) => return Err(invalid("tls-key", "is required with --tls-cert")),
             (None, Some(_)) => return Err(invalid("tls-cert", "is required with --tls-key")),
         };
+        let max_message_size = args
+            .max_message_size
+            .or(file.max_message_size)
+            .unwrap_or(crate::limits::MESSAGE_SIZE_MAX);
+        if max_message_size == 0 || max_message_size > crate::limits::MESSAGE_SIZE_CONFIGURABLE_MAX
+        {
+            return Err(invalid(
+                "max-message-size",
+                format!(
+                    "{max_message_size} is not between 1 and {} bytes",
+                    crate::limits::MESSAGE_SIZE_CONFIGURABLE_MAX
+                ),
+            ));
+        }
         Ok(Config {
             node_name,
             data_dir,
@@ -208,6 +230,7 @@ impl Config {
             peers,
             cluster_secret_file,
             tls,
+            max_message_size,
             metrics_per_queue: args
                 .metrics_per_queue
                 .or(file.metrics_per_queue)
@@ -315,6 +338,7 @@ mod tests {
         assert!(config.peers.is_empty());
         assert!(config.tls.is_none());
         assert!(config.metrics_per_queue);
+        assert_eq!(config.max_message_size, 128 * 1024 * 1024);
     }
 
     #[test]
@@ -351,6 +375,8 @@ mod tests {
             ),
             (&["--tls-cert", "c.pem"], "--tls-key"),
             (&["--node-name", ""], "--node-name"),
+            (&["--max-message-size", "0"], "--max-message-size"),
+            (&["--max-message-size", "536870913"], "--max-message-size"),
         ];
         for (argv, flag) in cases {
             let err = config(argv).expect_err("must fail");

@@ -18,8 +18,7 @@ use amq_protocol::protocol::{
 };
 use amq_protocol::types::{AMQPValue, FieldTable, LongString};
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 
 use crate::auth;
@@ -79,15 +78,38 @@ pub enum Error {
     Eof,
 }
 
-/// Serves one accepted socket until it closes or `shutdown` fires.
-pub async fn serve(
+/// Who is at the other end of an accepted socket.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    /// The client's address.
+    pub addr: SocketAddr,
+    /// Our address the client connected to.
+    pub local: SocketAddr,
+    /// The subject common name of the client certificate, when the socket
+    /// is TLS and rustls verified the certificate against `--tls-ca`. Only
+    /// then is SASL EXTERNAL offered, with this name as the user.
+    pub certificate_name: Option<String>,
+}
+
+/// Serves one accepted socket (plain TCP or TLS) until it closes or
+/// `shutdown` fires. The AMQP handshake must end by `handshake_deadline`
+/// (which the caller also applied to the TLS handshake), or the socket is
+/// closed without a word.
+pub async fn serve<S>(
     broker: Arc<Broker>,
-    socket: TcpStream,
-    peer: SocketAddr,
-    local: SocketAddr,
+    socket: S,
+    peer_info: PeerInfo,
+    handshake_deadline: tokio::time::Instant,
     mut shutdown: watch::Receiver<bool>,
-) -> Result<(), Error> {
-    let _ = socket.set_nodelay(true);
+) -> Result<(), Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let PeerInfo {
+        addr: peer,
+        local,
+        certificate_name,
+    } = peer_info;
     let name = format!("{peer} -> {local}");
     let (sender, receiver) = mpsc::unbounded_channel();
     let mut connection = Connection {
@@ -95,6 +117,7 @@ pub async fn serve(
         broker: broker.clone(),
         socket,
         peer,
+        certificate_name,
         name,
         read_buf: BytesMut::with_capacity(limits::READ_BUFFER_SIZE),
         write_buf: BytesMut::with_capacity(64 * 1024),
@@ -123,11 +146,7 @@ pub async fn serve(
         deferred: None,
         current_method: (0, 0),
     };
-    let handshake = tokio::time::timeout(
-        Duration::from_millis(limits::HANDSHAKE_TIMEOUT_MS),
-        connection.handshake(),
-    )
-    .await;
+    let handshake = tokio::time::timeout_at(handshake_deadline, connection.handshake()).await;
     match handshake {
         Ok(Ok(true)) => {}
         Ok(Ok(false)) => return Ok(()),
@@ -141,11 +160,13 @@ pub async fn serve(
     result
 }
 
-struct Connection {
+struct Connection<S> {
     id: u64,
     broker: Arc<Broker>,
-    socket: TcpStream,
+    socket: S,
     peer: SocketAddr,
+    /// Verified client-certificate name (TLS with `--tls-ca` only).
+    certificate_name: Option<String>,
     name: String,
     read_buf: BytesMut,
     write_buf: BytesMut,
@@ -213,7 +234,7 @@ enum Flow {
     Stop,
 }
 
-impl Connection {
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
     async fn flush(&mut self) -> Result<(), Error> {
         if !self.write_buf.is_empty() {
             self.socket.write_all(&self.write_buf).await?;
@@ -259,7 +280,11 @@ impl Connection {
                 version_major: 0,
                 version_minor: 9,
                 server_properties: server_properties(&self.broker.settings.node_name),
-                mechanisms: auth::MECHANISMS.into(),
+                mechanisms: if self.certificate_name.is_some() {
+                    auth::MECHANISMS_WITH_EXTERNAL.into()
+                } else {
+                    auth::MECHANISMS.into()
+                },
                 locales: "en_US".into(),
             })),
         );
@@ -283,21 +308,43 @@ impl Connection {
             );
         }
         let mechanism = start_ok.mechanism.as_str();
-        let Some(credentials) = auth::decode_response(mechanism, start_ok.response.as_bytes())
-        else {
-            self.broker.metrics.auth_failures_total.inc();
-            return self
-                .refuse(reply::ACCESS_REFUSED, &login_refused_text(mechanism))
-                .await;
-        };
-        let from_loopback = self.peer.ip().is_loopback();
-        match self
+        // An address that keeps failing waits for every answer, right or
+        // wrong, so guessing is slow; other addresses are not affected.
+        let delay = self
             .broker
-            .authenticate(&credentials.username, &credentials.password, from_loopback)
-        {
+            .login_throttle
+            .delay_for(self.peer.ip(), Instant::now());
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        let from_loopback = self.peer.ip().is_loopback();
+        let authenticated = match (mechanism, &self.certificate_name) {
+            ("EXTERNAL", Some(name)) => self
+                .broker
+                .authenticate_external(name, from_loopback)
+                .map_err(|reason| (name.clone(), reason)),
+            _ => match auth::decode_response(mechanism, start_ok.response.as_bytes()) {
+                Some(credentials) => self
+                    .broker
+                    .authenticate(&credentials.username, &credentials.password, from_loopback)
+                    .map_err(|reason| (credentials.username, reason)),
+                None => {
+                    self.broker.metrics.auth_failures_total.inc();
+                    Err((
+                        String::new(),
+                        format!("mechanism {mechanism:?} not offered or its response is malformed"),
+                    ))
+                }
+            },
+        };
+        match authenticated {
             Ok(user) => self.user = user.name,
-            Err(reason) => {
-                tracing::info!(peer = %self.peer, %reason, "authentication failed");
+            Err((user, reason)) => {
+                let failures = self
+                    .broker
+                    .login_throttle
+                    .record_failure(self.peer.ip(), Instant::now());
+                tracing::warn!(peer = %self.peer, %user, %mechanism, %reason, failures, "AMQP authentication failed");
                 return self
                     .refuse(reply::ACCESS_REFUSED, &login_refused_text(mechanism))
                     .await;
@@ -1080,6 +1127,7 @@ impl Connection {
         properties: amq_protocol::protocol::basic::AMQPProperties,
         properties_raw: bytes::Bytes,
     ) -> Result<(), AmqpError> {
+        let message_size_max = self.broker.settings.message_size_max;
         let channel = self.channel_mut(channel_id)?;
         if channel.closing {
             return Ok(());
@@ -1096,12 +1144,11 @@ impl Connection {
                 format!("unexpected content header on channel {channel_id}"),
             ));
         }
-        if body_size > limits::MESSAGE_SIZE_MAX {
+        if body_size > message_size_max {
             let err = AmqpError::new(
                 reply::PRECONDITION_FAILED,
                 format!(
-                    "message size {body_size} is larger than configured max size {}",
-                    limits::MESSAGE_SIZE_MAX
+                    "message size {body_size} is larger than configured max size {message_size_max}"
                 ),
             )
             .on_method(60, 40);

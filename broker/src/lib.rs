@@ -7,7 +7,9 @@
 //! - [`server`]: listeners, accept loop, housekeeping, graceful shutdown; [`run`].
 //! - [`broker`]: the `Broker` facade: metadata + queues + connection registry.
 //! - [`meta`]: metadata changed only by `Command`s through `Metadata::apply` (pure).
-//! - [`auth`]: RabbitMQ-compatible password hashes, PLAIN / AMQPLAIN.
+//! - [`auth`]: RabbitMQ-compatible password hashes, PLAIN / AMQPLAIN / EXTERNAL.
+//! - [`login_throttle`]: failed logins per address; delays replies to guessers.
+//! - [`tls`]: TLS server configuration, client-certificate names, HTTPS listener.
 //! - [`protocol`]: AMQP 0-9-1 frames, methods and field tables (pure; no tokio).
 //! - [`connection`]: sockets <-> frames, handshake, heartbeats, flow control.
 //! - [`channel`]: per-channel state: consumers, unacked deliveries, confirms, qos.
@@ -33,6 +35,7 @@ pub mod durable;
 pub mod exchange;
 pub mod limits;
 pub mod local;
+pub mod login_throttle;
 pub mod message;
 pub mod meta;
 pub mod metrics;
@@ -43,5 +46,6 @@ pub mod queue;
 pub mod replication;
 pub mod server;
 pub mod store;
+pub mod tls;
 
 pub use server::run;

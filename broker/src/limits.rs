@@ -9,18 +9,36 @@ pub const FRAME_SIZE_MIN: u32 = 4_096;
 pub const CHANNELS_PER_CONNECTION_MAX: u16 = 2_047;
 /// Heartbeat interval offered in `connection.tune`, in seconds.
 pub const HEARTBEAT_INTERVAL_DEFAULT_S: u16 = 60;
-/// Time a client has to complete the AMQP handshake, in milliseconds.
+/// Time a client has to complete the TLS (AMQPS) and AMQP handshakes together,
+/// in milliseconds; then the socket is closed without a reply.
 pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
-/// Largest message body accepted, in bytes (RabbitMQ's default `max_message_size`).
+/// Largest message body accepted by default, in bytes (RabbitMQ's default
+/// `max_message_size`); `--max-message-size` lowers or raises it.
 pub const MESSAGE_SIZE_MAX: u64 = 128 * 1024 * 1024;
+/// Highest value `--max-message-size` may be set to, in bytes (RabbitMQ's
+/// hard ceiling): bodies are held in memory whole.
+pub const MESSAGE_SIZE_CONFIGURABLE_MAX: u64 = 512 * 1024 * 1024;
 /// Largest HTTP request body on the management API, in bytes.
 pub const HTTP_BODY_SIZE_MAX: usize = 16 * 1024 * 1024;
 /// Time to wait for `close-ok` after sending `connection.close`, in milliseconds.
 pub const CLOSE_OK_WAIT_MS: u64 = 1_000;
 /// Outbound events (deliveries) written per socket flush.
 pub const OUTBOUND_BATCH_MAX: usize = 256;
-/// Open AMQP connections per node; beyond this, accepts wait.
+/// Open AMQP connections per node (AMQP and AMQPS together, handshakes
+/// included); a connection beyond this is accepted and closed at once.
 pub const CONNECTIONS_MAX: usize = 10_000;
+/// Failed logins from one IP address within `AUTH_FAILURE_WINDOW_MS` after
+/// which that address's authentication replies are delayed.
+pub const AUTH_FAILURES_PER_WINDOW_MAX: u32 = 5;
+/// Window over which failed logins of one address are counted, in milliseconds.
+pub const AUTH_FAILURE_WINDOW_MS: u64 = 60_000;
+/// Delay added to each authentication reply to an address over the
+/// failure bound, in milliseconds (well inside the handshake timeout).
+pub const AUTH_FAILURE_DELAY_MS: u64 = 2_000;
+/// Addresses whose failed logins are tracked; beyond this, the oldest is forgotten.
+pub const AUTH_FAILURE_ADDRESSES_MAX: usize = 10_000;
+/// TLS handshakes in progress on one HTTPS listener; beyond this, accepts wait.
+pub const HTTPS_HANDSHAKES_MAX: usize = 256;
 /// Ready-message bytes above which publishing connections are blocked.
 pub const MEMORY_HIGH_WATERMARK_BYTES: u64 = 1024 * 1024 * 1024;
 /// Period of the broker's housekeeping (message TTL, `x-expires`, memory alarm), in milliseconds.

@@ -55,6 +55,8 @@ pub struct Metrics {
     pub messages_unroutable_returned_total: IntCounter,
     /// Failed authentication attempts.
     pub auth_failures_total: IntCounter,
+    /// AMQP and AMQPS sockets closed at accept because the connection limit was reached.
+    pub connections_refused_total: IntCounter,
     /// Members of the agreed cluster configuration.
     pub cluster_members: IntGauge,
     /// 1 when this node is the Paxos leader.
@@ -198,6 +200,10 @@ impl Metrics {
             auth_failures_total: counter(
                 "synod_auth_failures_total",
                 "Failed authentication attempts",
+            ),
+            connections_refused_total: counter(
+                "synod_connections_refused_total",
+                "AMQP and AMQPS sockets closed at accept because the connection limit was reached",
             ),
             cluster_members: gauge(
                 "synod_cluster_members",

@@ -1,7 +1,9 @@
-//! Listeners and lifecycle: binds the AMQP socket (and, with
-//! [`start_serving`], the management and metrics sockets), accepts connections
-//! (bounded by a semaphore), runs housekeeping, and drains on shutdown.
-//! Shutdown is a future passed in, so tests and `main` control it.
+//! Listeners and lifecycle: binds the AMQP socket and, with TLS configured,
+//! the AMQPS socket (and, with [`start_serving`], the management and metrics
+//! sockets, HTTPS when TLS is configured), accepts connections (one
+//! connection bound for AMQP and AMQPS together), runs housekeeping, and
+//! drains on shutdown. Shutdown is a future passed in, so tests and `main`
+//! control it. Must not speak AMQP itself: `connection` does.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -11,6 +13,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
 
 use crate::broker::{Broker, Settings};
 use crate::config::Config;
@@ -42,6 +45,9 @@ pub enum Error {
         /// Slot reached.
         applied: u64,
     },
+    /// The TLS certificate, key or CA files could not be used.
+    #[error("{0}")]
+    Tls(#[from] crate::tls::Error),
 }
 
 impl Error {
@@ -51,6 +57,7 @@ impl Error {
         match self {
             Error::Durable(err) if err.is_incompatible_format() => 2,
             Error::Cluster(crate::cluster::Error::Secret { .. }) => 2,
+            Error::Tls(_) => 2,
             _ => 1,
         }
     }
@@ -61,6 +68,8 @@ impl Error {
 pub struct RunningBroker {
     /// The bound AMQP address (the real port when configured with 0).
     pub amqp_addr: SocketAddr,
+    /// The bound AMQPS address, when TLS is configured.
+    pub amqps_addr: Option<SocketAddr>,
     /// The broker, for inspection and management calls.
     pub broker: Arc<Broker>,
     /// The bound management API address, when started with [`start_serving`].
@@ -132,19 +141,31 @@ async fn serve_http(mut running: RunningBroker, config: &Config) -> Result<Runni
             return Err(err);
         }
     };
+    let https = match config.tls.as_ref().map(crate::tls::https_server_config) {
+        None => None,
+        Some(Ok(https)) => Some(https),
+        Some(Err(err)) => {
+            running.shutdown().await;
+            return Err(err.into());
+        }
+    };
     let broker = running.broker.clone();
+    let handshake_timeout = Duration::from_millis(broker.settings.handshake_timeout_ms);
     let stop = running.shutdown.subscribe();
     running.http_tasks.push(tokio::spawn(crate::mgmt::serve(
-        mgmt,
+        crate::tls::HttpListener::new(mgmt, https.clone(), handshake_timeout),
         crate::mgmt::router(broker.clone()),
         stop.clone(),
     )));
     running.http_tasks.push(tokio::spawn(crate::mgmt::serve(
-        metrics,
+        crate::tls::HttpListener::new(metrics, https.clone(), handshake_timeout),
         crate::mgmt::metrics_router(broker),
         stop,
     )));
-    tracing::info!("management API on {mgmt_addr}, metrics on {metrics_addr}");
+    let scheme = if https.is_some() { "https" } else { "http" };
+    tracing::info!(
+        "management API on {scheme}://{mgmt_addr}, metrics on {scheme}://{metrics_addr}"
+    );
     running.mgmt_addr = Some(mgmt_addr);
     running.metrics_addr = Some(metrics_addr);
     Ok(running)
@@ -179,7 +200,14 @@ async fn start_inner(
     settings: Option<Settings>,
     durable: bool,
 ) -> Result<RunningBroker, Error> {
-    let settings = settings.unwrap_or_else(|| Settings::new(&config.node_name));
+    let settings = settings.unwrap_or_else(|| Settings::from_config(&config));
+    // Bad TLS files are a configuration error: report them before any
+    // state is opened.
+    let amqps_config = config
+        .tls
+        .as_ref()
+        .map(crate::tls::amqps_server_config)
+        .transpose()?;
     let metrics = Metrics::new();
     metrics.set_per_queue(config.metrics_per_queue);
     metrics
@@ -206,24 +234,41 @@ async fn start_inner(
             return Err(err);
         }
     }
-    let listener = TcpListener::bind(config.amqp_listen)
-        .await
-        .map_err(|source| Error::Bind {
-            addr: config.amqp_listen,
-            source,
-        })?;
-    let amqp_addr = listener.local_addr().map_err(|source| Error::Bind {
-        addr: config.amqp_listen,
-        source,
-    })?;
+    let listeners = async {
+        let amqp = bind(config.amqp_listen).await?;
+        let amqps = match (&config.tls, amqps_config) {
+            (Some(tls), Some(server_config)) => {
+                let (listener, addr) = bind(tls.amqps_listen).await?;
+                Some((listener, addr, TlsAcceptor::from(server_config)))
+            }
+            _ => None,
+        };
+        Ok::<_, Error>((amqp, amqps))
+    };
+    let ((listener, amqp_addr), amqps) = match listeners.await {
+        Ok(bound) => bound,
+        Err(err) => {
+            if let Some(cluster) = broker.cluster() {
+                cluster.stop().await;
+            }
+            if let Some(durable) = broker.durable() {
+                durable.close();
+            }
+            return Err(err);
+        }
+    };
+    let amqps_addr = amqps.as_ref().map(|(_, addr, _)| *addr);
     tracing::info!(
-        "synod-broker listening amqp={amqp_addr} node={}",
+        "synod-broker listening amqp={amqp_addr} amqps={} node={}",
+        amqps_addr.map_or_else(|| "off".to_string(), |a| a.to_string()),
         config.node_name
     );
     let (shutdown, shutdown_rx) = watch::channel(false);
-    let task = tokio::spawn(accept_loop(broker.clone(), listener, shutdown_rx));
+    let amqps = amqps.map(|(listener, _, acceptor)| (listener, acceptor));
+    let task = tokio::spawn(accept_loop(broker.clone(), listener, amqps, shutdown_rx));
     Ok(RunningBroker {
         amqp_addr,
+        amqps_addr,
         broker,
         mgmt_addr: None,
         metrics_addr: None,
@@ -288,12 +333,24 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     Ok(())
 }
 
+/// Accepts a socket from `listener`, or waits forever when there is none.
+async fn accept_from(
+    listener: Option<&TcpListener>,
+) -> std::io::Result<(tokio::net::TcpStream, SocketAddr)> {
+    match listener {
+        Some(listener) => listener.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn accept_loop(
     broker: Arc<Broker>,
     listener: TcpListener,
+    amqps: Option<(TcpListener, TlsAcceptor)>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let permits = Arc::new(Semaphore::new(limits::CONNECTIONS_MAX));
+    let permits = Arc::new(Semaphore::new(broker.settings.connections_max));
+    let handshake_timeout = Duration::from_millis(broker.settings.handshake_timeout_ms);
     let mut connections = tokio::task::JoinSet::new();
     let mut housekeeping =
         tokio::time::interval(Duration::from_millis(limits::HOUSEKEEPING_INTERVAL_MS));
@@ -304,28 +361,33 @@ async fn accept_loop(
             _ = housekeeping.tick() => broker.tick(),
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
             accepted = listener.accept() => {
-                let (socket, peer) = match accepted {
-                    Ok(pair) => pair,
-                    Err(err) => {
-                        // Out of file descriptors and the like: back off, keep serving.
-                        tracing::warn!(%err, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                let Ok(permit) = permits.clone().try_acquire_owned() else {
-                    tracing::warn!(%peer, "connection limit reached; refusing");
-                    continue;
-                };
-                let local = socket.local_addr().unwrap_or(peer);
-                let broker = broker.clone();
-                let shutdown = shutdown.clone();
-                connections.spawn(async move {
-                    if let Err(err) = crate::connection::serve(broker, socket, peer, local, shutdown).await {
-                        tracing::debug!(%peer, %err, "connection ended");
-                    }
-                    drop(permit);
-                });
+                if let Some((socket, peer, permit)) = admit(&broker, &permits, accepted).await {
+                    let deadline = tokio::time::Instant::now() + handshake_timeout;
+                    let local = socket.local_addr().unwrap_or(peer);
+                    let broker = broker.clone();
+                    let shutdown = shutdown.clone();
+                    connections.spawn(async move {
+                        let peer_info = crate::connection::PeerInfo { addr: peer, local, certificate_name: None };
+                        if let Err(err) = crate::connection::serve(broker, socket, peer_info, deadline, shutdown).await {
+                            tracing::debug!(%peer, %err, "connection ended");
+                        }
+                        drop(permit);
+                    });
+                }
+            }
+            accepted = accept_from(amqps.as_ref().map(|(listener, _)| listener)) => {
+                let Some((_, acceptor)) = &amqps else { continue };
+                if let Some((socket, peer, permit)) = admit(&broker, &permits, accepted).await {
+                    let deadline = tokio::time::Instant::now() + handshake_timeout;
+                    let local = socket.local_addr().unwrap_or(peer);
+                    let broker = broker.clone();
+                    let shutdown = shutdown.clone();
+                    let acceptor = acceptor.clone();
+                    connections.spawn(async move {
+                        serve_tls(broker, acceptor, socket, peer, local, deadline, shutdown).await;
+                        drop(permit);
+                    });
+                }
             }
         }
     }
@@ -338,4 +400,74 @@ async fn accept_loop(
     })
     .await;
     connections.abort_all();
+}
+
+/// Takes a connection slot for an accepted socket. Without one, the socket
+/// is closed at once: the client sees the connection end before any AMQP
+/// byte, and the refusal is logged and counted; connections already open
+/// are not disturbed.
+async fn admit(
+    broker: &Broker,
+    permits: &Arc<Semaphore>,
+    accepted: std::io::Result<(tokio::net::TcpStream, SocketAddr)>,
+) -> Option<(
+    tokio::net::TcpStream,
+    SocketAddr,
+    tokio::sync::OwnedSemaphorePermit,
+)> {
+    let (socket, peer) = match accepted {
+        Ok(pair) => pair,
+        Err(err) => {
+            // Out of file descriptors and the like: back off, keep serving.
+            tracing::warn!(%err, "accept failed");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            return None;
+        }
+    };
+    let Ok(permit) = permits.clone().try_acquire_owned() else {
+        tracing::warn!(
+            %peer,
+            connections_max = broker.settings.connections_max,
+            "connection limit reached; refusing"
+        );
+        broker.metrics.connections_refused_total.inc();
+        drop(socket);
+        return None;
+    };
+    let _ = socket.set_nodelay(true);
+    Some((socket, peer, permit))
+}
+
+/// Runs the TLS handshake (bounded by the same deadline as the AMQP
+/// handshake that follows), then serves AMQP over the TLS stream.
+async fn serve_tls(
+    broker: Arc<Broker>,
+    acceptor: TlsAcceptor,
+    socket: tokio::net::TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    deadline: tokio::time::Instant,
+    shutdown: watch::Receiver<bool>,
+) {
+    let stream = match tokio::time::timeout_at(deadline, acceptor.accept(socket)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(err)) => {
+            // A missing or untrusted client certificate ends here.
+            tracing::warn!(%peer, %err, "AMQPS TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(%peer, "AMQPS TLS handshake timed out");
+            return;
+        }
+    };
+    let peer_info = crate::connection::PeerInfo {
+        addr: peer,
+        local,
+        certificate_name: crate::tls::peer_common_name(&stream),
+    };
+    if let Err(err) = crate::connection::serve(broker, stream, peer_info, deadline, shutdown).await
+    {
+        tracing::debug!(%peer, %err, "AMQPS connection ended");
+    }
 }

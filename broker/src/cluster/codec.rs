@@ -522,4 +522,48 @@ mod tests {
         let huge_count = [0u8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
         assert!(decode_message(&huge_count).is_err());
     }
+
+    fn byte_vec(max: usize) -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        proptest::collection::vec(proptest::prelude::any::<u8>(), 0..max)
+    }
+
+    /// Decodes `bytes` every way the transport and the log do; whatever
+    /// decodes must survive a round trip unchanged.
+    fn decode_everything(bytes: &[u8]) {
+        if let Ok(m) = decode_message(bytes) {
+            assert_eq!(decode_message(&encode_message(&m)), Ok(m));
+        }
+        let _ = Reader::new(bytes).snapshot();
+        let _ = Reader::new(bytes).log_entry();
+        let _ = Reader::new(bytes).hard_state();
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+        #[test]
+        fn random_bytes_decode_to_errors_never_panics(bytes in byte_vec(512)) {
+            // Goal: arbitrary peer bytes give a message or a DecodeError; no panic, no huge allocation.
+            decode_everything(&bytes);
+        }
+
+        #[test]
+        fn mutated_valid_messages_decode_to_errors_never_panics(
+            which in 0usize..14,
+            edits in proptest::collection::vec((proptest::prelude::any::<usize>(), proptest::prelude::any::<u8>(), 0u8..3), 1..4),
+        ) {
+            // Goal: valid messages with bytes replaced, inserted or removed decode or fail cleanly.
+            let messages = sample_messages();
+            let mut bytes = encode_message(&messages[which % messages.len()]);
+            for (at, value, op) in edits {
+                let at = at % (bytes.len() + 1);
+                match op {
+                    0 if at < bytes.len() => bytes[at] = value,
+                    1 => bytes.insert(at, value),
+                    _ if at < bytes.len() => { bytes.remove(at); }
+                    _ => bytes.push(value),
+                }
+            }
+            decode_everything(&bytes);
+        }
+    }
 }

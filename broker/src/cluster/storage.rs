@@ -400,4 +400,33 @@ mod tests {
         fs::remove_dir_all(&dir).ok();
         fs::remove_dir_all(&other).ok();
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(1000))]
+        #[test]
+        fn arbitrary_log_bytes_replay_to_state_or_error_never_panic(
+            tail in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+            flip in proptest::prelude::any::<(usize, u8)>(),
+        ) {
+            // Goal: a log file of valid records followed by garbage, or with one byte changed, never panics replay.
+            let mut good = LOG_MAGIC.to_vec();
+            good.push(LOG_VERSION);
+            append_entry(&mut good, 1, &entry(1, b"one"));
+            append_hard_state(&mut good, &HardState {
+                promised: Ballot { round: 2, leader: NodeId::new("a", 1) },
+                decided: 1,
+            });
+            let path = Path::new("fuzz.log");
+            let mut with_tail = good.clone();
+            with_tail.extend_from_slice(&tail);
+            let (stored, valid) = replay(path, &with_tail).expect("valid prefix replays");
+            proptest::prop_assert!(valid as usize >= good.len());
+            proptest::prop_assert!(!stored.entries.is_empty());
+            let mut flipped = good.clone();
+            let at = flip.0 % flipped.len();
+            flipped[at] ^= flip.1 | 1;
+            let _ = replay(path, &flipped);
+            let _ = replay(path, &tail);
+        }
+    }
 }

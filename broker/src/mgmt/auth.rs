@@ -106,19 +106,44 @@ impl FromRequestParts<AppState> for Caller {
         let Some(value) = parts.headers.get(header::AUTHORIZATION) else {
             return Err(Error::Unauthorized("credentials required".into()));
         };
-        let (username, password) = decode_basic(value.as_bytes()).ok_or_else(|| {
-            state.broker.metrics.auth_failures_total.inc();
-            Error::Unauthorized("malformed basic credentials".into())
-        })?;
-        let from_loopback = parts
+        let peer = parts
             .extensions
             .get::<ConnectInfo<SocketAddr>>()
-            .is_some_and(|ConnectInfo(addr)| addr.ip().is_loopback());
+            .map(|ConnectInfo(addr)| *addr);
+        // An address that keeps failing waits for every answer (see
+        // `login_throttle`); other addresses are not affected.
+        if let Some(peer) = peer {
+            let delay = state
+                .broker
+                .login_throttle
+                .delay_for(peer.ip(), std::time::Instant::now());
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+        }
+        let record_failure = |user: &str, reason: &str| {
+            let failures = peer.map(|peer| {
+                state
+                    .broker
+                    .login_throttle
+                    .record_failure(peer.ip(), std::time::Instant::now())
+            });
+            tracing::warn!(?peer, %user, %reason, ?failures, "management API authentication failed");
+        };
+        let Some((username, password)) = decode_basic(value.as_bytes()) else {
+            state.broker.metrics.auth_failures_total.inc();
+            record_failure("", "malformed basic credentials");
+            return Err(Error::Unauthorized("malformed basic credentials".into()));
+        };
+        let from_loopback = peer.is_some_and(|addr| addr.ip().is_loopback());
         // `authenticate` counts failures in auth_failures_total.
         let user = state
             .broker
             .authenticate(&username, &password, from_loopback)
-            .map_err(|_| Error::Unauthorized("login failed".into()))?;
+            .map_err(|reason| {
+                record_failure(&username, &reason);
+                Error::Unauthorized("login failed".into())
+            })?;
         let has = |tag: &str| user.tags.iter().any(|t| t == tag);
         let caller = Caller {
             administrator: has("administrator"),

@@ -33,8 +33,8 @@ use axum::extract::{FromRequest, Request, State};
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use serde::de::DeserializeOwned;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::broker::Broker;
@@ -133,8 +133,15 @@ async fn scrape(State(broker): State<Arc<Broker>>) -> impl IntoResponse {
     }
 }
 
-/// Serves `router` on `listener` until `shutdown` turns true.
-pub async fn serve(listener: TcpListener, router: Router, mut shutdown: watch::Receiver<bool>) {
+/// Serves `router` on `listener` (HTTP or HTTPS) until `shutdown` turns true.
+pub async fn serve(
+    listener: crate::tls::HttpListener,
+    router: Router,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    // The no-op tap gives axum a listener type whose peer address it can
+    // hand to handlers as `ConnectInfo<SocketAddr>`.
+    let listener = listener.tap_io(|_| {});
     let service = router.into_make_service_with_connect_info::<SocketAddr>();
     let stop = async move {
         while !*shutdown.borrow_and_update() {
