@@ -196,27 +196,27 @@ struct Connection<S> {
     /// A metadata change waiting for the cluster's decision. No further
     /// frame of this connection is handled until it resolves, so replies
     /// and effects keep the order the client sent its methods in.
-    deferred: Option<Deferred>,
+    deferred: Option<Deferred<S>>,
     /// Class and method ids of the method being handled (for the errors of
     /// its deferred continuation).
     current_method: (u16, u16),
 }
 
 /// What to do with a metadata change's outcome once it is decided.
-type Continuation =
-    Box<dyn FnOnce(&mut Connection, Result<Outcome, MetaError>) -> Result<(), AmqpError> + Send>;
+type Continuation<S> =
+    Box<dyn FnOnce(&mut Connection<S>, Result<Outcome, MetaError>) -> Result<(), AmqpError> + Send>;
 
 /// A metadata change proposed to the cluster and its continuation.
-struct Deferred {
+struct Deferred<S> {
     channel_id: u16,
     class_id: u16,
     method_id: u16,
     decision: tokio::sync::oneshot::Receiver<Result<Outcome, MetaError>>,
-    then: Continuation,
+    then: Continuation<S>,
 }
 
 /// Resolves with the deferred change's outcome (never, when there is none).
-async fn deferred_outcome(deferred: &mut Option<Deferred>) -> Result<Outcome, MetaError> {
+async fn deferred_outcome<S>(deferred: &mut Option<Deferred<S>>) -> Result<Outcome, MetaError> {
     match deferred {
         Some(d) => (&mut d.decision).await.unwrap_or_else(|_| {
             Err(MetaError::Unavailable(
@@ -689,7 +689,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         &mut self,
         channel_id: u16,
         command: Command,
-        then: impl FnOnce(&mut Connection, Result<Outcome, MetaError>) -> Result<(), AmqpError>
+        then: impl FnOnce(&mut Connection<S>, Result<Outcome, MetaError>) -> Result<(), AmqpError>
         + Send
         + 'static,
     ) -> Result<(), AmqpError> {
@@ -2120,7 +2120,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                     self.check_exclusive(&queue)?;
                 }
                 let nowait = delete.nowait;
-                let reply = move |conn: &mut Connection, n: u64| {
+                let reply = move |conn: &mut Connection<S>, n: u64| {
                     if !nowait {
                         conn.send_method(
                             channel_id,
