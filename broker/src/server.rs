@@ -171,7 +171,10 @@ async fn start_inner(
     settings: Option<Settings>,
     durable: bool,
 ) -> Result<RunningBroker, Error> {
-    let settings = settings.unwrap_or_else(|| Settings::new(&config.node_name));
+    let mut settings = settings.unwrap_or_else(|| Settings::new(&config.node_name));
+    if let Some(user) = &config.default_user {
+        settings.default_user = Some(user.clone());
+    }
     let metrics = Metrics::new();
     metrics.set_per_queue(config.metrics_per_queue);
     metrics
