@@ -188,13 +188,8 @@ async fn shipped_manifests_and_built_objects_pass_a_server_side_dry_run() {
         .args(*values);
         let rendered = run(&format!("helm template {values:?}"), helm, None);
         // No --namespace: every rendered object names its own (with
-        // watchNamespace the operator's Role lives in the watched namespace).
-        let out = dry_run(
-            &env,
-            &format!("the chart with {values:?}"),
-            &rendered,
-            None,
-        );
+        // watchNamespace the brokers' NetworkPolicy lives in the watched namespace).
+        let out = dry_run(&env, &format!("the chart with {values:?}"), &rendered, None);
         assert!(out.contains("deployment.apps/synod"), "{out}");
     }
 
