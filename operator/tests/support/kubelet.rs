@@ -92,6 +92,9 @@ const BROKER_LISTEN_DEFAULTS: [(&str, u16); 4] = [
 /// Where subnet claims of concurrently running simulators are recorded.
 const SUBNET_LOCK_DIR: &str = "synod-kubelet-subnets";
 
+/// A volume's files: path inside the volume, content.
+type VolumeFiles = Vec<(String, Vec<u8>)>;
+
 /// Why the simulator could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -1110,7 +1113,7 @@ impl Context {
         let mut token_file: Option<PathBuf> = None;
         // ConfigMap text is rewritten like args, mount paths included, so it
         // is written once every volume has its directory.
-        let mut config_files: Vec<(PathBuf, Vec<(String, Vec<u8>)>)> = Vec::new();
+        let mut config_files: Vec<(PathBuf, VolumeFiles)> = Vec::new();
         for volume in spec.volumes.clone().unwrap_or_default() {
             let dir = runtime.dir.join("volumes").join(&volume.name);
             std::fs::create_dir_all(&dir).map_err(|error| io_failure(error.to_string()))?;
