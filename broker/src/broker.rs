@@ -49,6 +49,8 @@ pub struct Settings {
     pub auth_failure_window_ms: u64,
     /// Delay of each authentication reply to a throttled address, in milliseconds.
     pub auth_failure_delay_ms: u64,
+    /// Administrator created instead of `guest` (`--default-user`).
+    pub default_user: Option<crate::config::DefaultUser>,
 }
 
 impl Settings {
@@ -64,6 +66,7 @@ impl Settings {
             auth_failures_per_window_max: crate::limits::AUTH_FAILURES_PER_WINDOW_MAX,
             auth_failure_window_ms: crate::limits::AUTH_FAILURE_WINDOW_MS,
             auth_failure_delay_ms: crate::limits::AUTH_FAILURE_DELAY_MS,
+            default_user: None,
         }
     }
 
@@ -231,19 +234,24 @@ pub struct Broker {
 }
 
 /// The metadata every node starts from: vhost `/` and user `guest`/`guest`
-/// (administrator, full permissions on `/`). All members of a cluster must
+/// (administrator, full permissions on `/`), or `--default-user` instead
+/// of guest. All members of a cluster must
 /// start from the same bootstrap, as they apply the same log to it.
-fn bootstrap_commands(_settings: &Settings) -> Vec<Command> {
+fn bootstrap_commands(settings: &Settings) -> Vec<Command> {
+    let (user, password) = match &settings.default_user {
+        Some(default) => (default.name.clone(), default.password.as_str()),
+        None => ("guest".to_string(), "guest"),
+    };
     vec![
         Command::AddVhost { name: "/".into() },
         Command::PutUser {
-            name: "guest".into(),
-            password_hash: auth::hash_password("guest"),
+            name: user.clone(),
+            password_hash: auth::hash_password(password),
             tags: vec!["administrator".into()],
         },
         Command::SetPermissions {
             vhost: "/".into(),
-            user: "guest".into(),
+            user,
             configure: ".*".into(),
             write: ".*".into(),
             read: ".*".into(),
@@ -255,8 +263,15 @@ fn bootstrap_commands(_settings: &Settings) -> Vec<Command> {
 const DEAD_LETTER_HOPS_MAX: usize = 10_000;
 
 impl Broker {
-    /// A broker with vhost `/` and user `guest`/`guest` (administrator,
-    /// full permissions on `/`), as a fresh RabbitMQ has.
+    /// A broker with vhost `/` and one administrator with full permissions
+    /// on `/`: `settings.default_user` when given, else `guest`/`guest`, as a
+    /// fresh RabbitMQ has (`default_user`/`default_pass`).
+    ///
+    /// This is the bootstrap of an empty store only: restoring a durable
+    /// snapshot afterwards replaces these entities with the stored ones, so a
+    /// restart never brings back `guest` or undoes a change made through the
+    /// API, and a different `--default-user` on a used data directory is
+    /// ignored (again as RabbitMQ does).
     pub fn new(settings: Settings, metrics: Metrics) -> Arc<Broker> {
         let (alarm, _) = watch::channel(false);
         let login_throttle = crate::login_throttle::LoginThrottle::new(
@@ -1055,6 +1070,32 @@ mod tests {
         assert!(broker.authenticate("guest", "nope", true).is_err());
         assert!(broker.authenticate("nobody", "guest", true).is_err());
         assert_eq!(broker.metrics.auth_failures_total.get(), 3);
+    }
+
+    #[test]
+    fn a_default_user_replaces_guest_as_the_administrator() {
+        // Goal: with settings.default_user that user is an administrator with full rights on `/`, reachable from anywhere, and guest does not exist.
+        let mut settings = Settings::new("test@node");
+        settings.default_user = Some(crate::config::DefaultUser {
+            name: "admin".into(),
+            password: "s3cret".into(),
+        });
+        let broker = Broker::new(settings, Metrics::new());
+        let admin = broker
+            .authenticate("admin", "s3cret", false)
+            .expect("admin logs in from anywhere");
+        assert_eq!(admin.tags, vec!["administrator".to_string()]);
+        assert!(broker.authenticate("admin", "guest", true).is_err());
+        assert!(broker.authenticate("guest", "guest", true).is_err());
+        let users: Vec<String> = broker.list_users().into_iter().map(|u| u.name).collect();
+        assert_eq!(users, ["admin"]);
+        let permissions = broker.list_permissions();
+        assert_eq!(permissions.len(), 1);
+        assert_eq!(
+            (permissions[0].0.as_str(), permissions[0].1.as_str()),
+            ("/", "admin")
+        );
+        assert_eq!(permissions[0].2.configure, ".*");
     }
 
     #[test]

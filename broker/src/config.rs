@@ -84,6 +84,17 @@ pub struct Args {
     /// (default: true); turn off for clusters with very many queues.
     #[arg(long, env = "SYNOD_METRICS_PER_QUEUE", action = clap::ArgAction::Set)]
     pub metrics_per_queue: Option<bool>,
+    /// Administrator created instead of `guest` when the data directory holds
+    /// no metadata yet (first start); later starts keep the stored users.
+    #[arg(long, env = "SYNOD_DEFAULT_USER")]
+    pub default_user: Option<String>,
+    /// Password of `--default-user`.
+    #[arg(long, env = "SYNOD_DEFAULT_PASS", hide_env_values = true)]
+    pub default_pass: Option<String>,
+    /// File holding the password of `--default-user` (e.g. a mounted Secret);
+    /// trailing line breaks are ignored. Excludes `--default-pass`.
+    #[arg(long, env = "SYNOD_DEFAULT_PASS_FILE")]
+    pub default_pass_file: Option<PathBuf>,
     /// TOML file with the same keys as the flags (`data-dir = "..."`).
     #[arg(long, env = "SYNOD_CONFIG")]
     pub config: Option<PathBuf>,
@@ -107,6 +118,28 @@ struct FileConfig {
     amqps_listen: Option<String>,
     max_message_size: Option<u64>,
     metrics_per_queue: Option<bool>,
+    default_user: Option<String>,
+    default_pass: Option<String>,
+    default_pass_file: Option<PathBuf>,
+}
+
+/// The administrator a new broker creates instead of `guest`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DefaultUser {
+    /// User name.
+    pub name: String,
+    /// Password in clear; hashed when the user is created.
+    pub password: String,
+}
+
+// The password never reaches logs through `{:?}` of the configuration.
+impl std::fmt::Debug for DefaultUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DefaultUser")
+            .field("name", &self.name)
+            .field("password", &"<redacted>")
+            .finish()
+    }
 }
 
 /// TLS files, all present or none.
@@ -148,6 +181,8 @@ pub struct Config {
     pub max_message_size: u64,
     /// Whether `/metrics` includes the per-queue series.
     pub metrics_per_queue: bool,
+    /// The administrator bootstrapped instead of `guest` on an empty store.
+    pub default_user: Option<DefaultUser>,
 }
 
 impl Config {
@@ -220,6 +255,11 @@ impl Config {
                 ),
             ));
         }
+        let default_user = default_user(
+            args.default_user.or(file.default_user),
+            args.default_pass.or(file.default_pass),
+            args.default_pass_file.or(file.default_pass_file),
+        )?;
         Ok(Config {
             node_name,
             data_dir,
@@ -235,7 +275,54 @@ impl Config {
                 .metrics_per_queue
                 .or(file.metrics_per_queue)
                 .unwrap_or(true),
+            default_user,
         })
+    }
+}
+
+/// Validates `--default-user` with its password, given inline or in a file.
+fn default_user(
+    name: Option<String>,
+    password: Option<String>,
+    password_file: Option<PathBuf>,
+) -> Result<Option<DefaultUser>, Error> {
+    let password = match (password, password_file) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                "default-pass-file",
+                "cannot be combined with --default-pass",
+            ));
+        }
+        (Some(password), None) => Some(password),
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(&path).map_err(|err| {
+                invalid(
+                    "default-pass-file",
+                    format!("cannot read {}: {err}", path.display()),
+                )
+            })?;
+            // `echo secret > file` leaves a newline that is not part of the password.
+            Some(text.trim_end_matches(['\n', '\r']).to_string())
+        }
+        (None, None) => None,
+    };
+    match (name, password) {
+        (None, None) => Ok(None),
+        (None, Some(_)) => Err(invalid(
+            "default-user",
+            "is required with --default-pass or --default-pass-file",
+        )),
+        (Some(_), None) => Err(invalid(
+            "default-pass",
+            "(or --default-pass-file) is required with --default-user",
+        )),
+        (Some(name), Some(_)) if name.is_empty() => {
+            Err(invalid("default-user", "must not be empty"))
+        }
+        (Some(_), Some(password)) if password.is_empty() => {
+            Err(invalid("default-pass", "must not be empty"))
+        }
+        (Some(name), Some(password)) => Ok(Some(DefaultUser { name, password })),
     }
 }
 
@@ -402,6 +489,75 @@ mod tests {
         std::fs::write(&path, "no-such-key = 1\n").expect("write config");
         let err = config_err(path_str);
         assert!(err.contains("no-such-key"), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn a_default_user_needs_a_password_from_exactly_one_place() {
+        // Goal: user+pass or user+pass-file is accepted; every incomplete or conflicting mix names its flag.
+        let inline =
+            config(&["--default-user", "admin", "--default-pass", "s3cret"]).expect("valid");
+        assert_eq!(
+            inline.default_user,
+            Some(DefaultUser {
+                name: "admin".into(),
+                password: "s3cret".into()
+            })
+        );
+        assert!(
+            !format!("{inline:?}").contains("s3cret"),
+            "Debug hides the password"
+        );
+        assert_eq!(config(&[]).expect("valid").default_user, None);
+
+        let dir = std::env::temp_dir().join(format!("synod-default-user-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let file = dir.join("password");
+        std::fs::write(&file, "from-file\n").expect("write password");
+        let file = file.to_str().expect("utf-8 path");
+        let from_file =
+            config(&["--default-user", "admin", "--default-pass-file", file]).expect("valid");
+        assert_eq!(
+            from_file.default_user.map(|u| u.password).as_deref(),
+            Some("from-file")
+        );
+
+        let cases: &[(&[&str], &str)] = &[
+            (&["--default-user", "admin"], "--default-pass"),
+            (&["--default-pass", "x"], "--default-user"),
+            (
+                &["--default-user", "", "--default-pass", "x"],
+                "--default-user",
+            ),
+            (
+                &["--default-user", "admin", "--default-pass", ""],
+                "--default-pass",
+            ),
+            (
+                &[
+                    "--default-user",
+                    "a",
+                    "--default-pass",
+                    "x",
+                    "--default-pass-file",
+                    file,
+                ],
+                "--default-pass-file",
+            ),
+            (
+                &[
+                    "--default-user",
+                    "a",
+                    "--default-pass-file",
+                    "/nonexistent/synod/pw",
+                ],
+                "--default-pass-file",
+            ),
+        ];
+        for (argv, flag) in cases {
+            let err = config(argv).expect_err("must fail");
+            assert!(err.to_string().contains(flag), "{argv:?}: {err}");
+        }
         std::fs::remove_dir_all(&dir).ok();
     }
 

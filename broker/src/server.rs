@@ -200,7 +200,10 @@ async fn start_inner(
     settings: Option<Settings>,
     durable: bool,
 ) -> Result<RunningBroker, Error> {
-    let settings = settings.unwrap_or_else(|| Settings::from_config(&config));
+    let mut settings = settings.unwrap_or_else(|| Settings::from_config(&config));
+    if let Some(user) = &config.default_user {
+        settings.default_user = Some(user.clone());
+    }
     // Bad TLS files are a configuration error: report them before any
     // state is opened.
     let amqps_config = config

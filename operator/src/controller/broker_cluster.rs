@@ -405,16 +405,32 @@ async fn apply_inner(cluster: &BrokerCluster, ctx: &Context) -> Result<Action, E
         &previous.conditions,
         &conditions::now(),
     );
-    let became_ready = conditions::is_true(&status.conditions, READY)
-        && !conditions::is_true(&previous.conditions, READY);
+    let was_ready = conditions::is_true(&previous.conditions, READY);
+    let is_ready = conditions::is_true(&status.conditions, READY);
     patch_status(ctx, cluster, &status).await?;
-    if became_ready {
+    if is_ready && !was_ready {
         ctx.publish(
             cluster,
             event_type(false),
             "ClusterReady",
             "Reconcile",
             format!("{desired} member(s) agree, all ready"),
+        )
+        .await;
+    }
+    // Losing readiness is what an operator on call must see in `kubectl
+    // describe`: the event carries the condition's reason (a broker that does
+    // not answer, a member that fell behind, ...).
+    if was_ready
+        && !is_ready
+        && let Some(ready) = conditions::find(&status.conditions, READY)
+    {
+        ctx.publish(
+            cluster,
+            event_type(true),
+            &ready.reason,
+            "Reconcile",
+            format!("the cluster is not ready: {}", ready.message),
         )
         .await;
     }

@@ -187,7 +187,8 @@ impl Default for StorageSpec {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TlsSpec {
-    /// Secret of type `kubernetes.io/tls` (`tls.crt`, `tls.key`, optional `ca.crt`).
+    /// Secret with `tls.crt`, `tls.key` and `ca.crt` (the CA brokers verify
+    /// peers with; cert-manager writes all three), mounted at `/etc/synod/tls`.
     #[schemars(length(min = 1, max = 253))]
     pub secret_name: String,
 }

@@ -45,6 +45,9 @@ pub fn broker_config_toml(cluster: &BrokerCluster, peers: &str) -> Result<String
     if cluster.spec.tls.is_some() {
         set("tls-cert", format!("{TLS_DIR}/tls.crt"));
         set("tls-key", format!("{TLS_DIR}/tls.key"));
+        // Peers verify each other's certificates (cluster traffic is TLS too),
+        // so the CA is always passed; cert-manager writes it as `ca.crt`.
+        set("tls-ca", format!("{TLS_DIR}/ca.crt"));
         set("amqps-listen", format!("0.0.0.0:{AMQPS_PORT}"));
     }
     for (key, value) in &cluster.spec.config {
@@ -126,6 +129,31 @@ mod tests {
         let config = synod_broker::config::Config::from_args(args).expect("broker accepts it");
         assert_eq!(config.amqp_listen.port(), 5672);
         assert_eq!(config.peers.len(), 1);
+        assert!(config.tls.is_none());
+
+        let mut spec = cluster().spec;
+        spec.tls = Some(TlsSpec {
+            secret_name: "certs".into(),
+        });
+        let text = broker_config_toml(&cluster_with(spec), "").expect("renders");
+        std::fs::write(&path, text).expect("write");
+        let args = <synod_broker::config::Args as clap::Parser>::try_parse_from([
+            "synod-broker",
+            "--config",
+            path.to_str().expect("utf-8"),
+        ])
+        .expect("flags parse");
+        let tls = synod_broker::config::Config::from_args(args)
+            .expect("broker accepts the TLS settings")
+            .tls
+            .expect("TLS is configured");
+        assert_eq!(tls.cert, std::path::PathBuf::from("/etc/synod/tls/tls.crt"));
+        assert_eq!(tls.key, std::path::PathBuf::from("/etc/synod/tls/tls.key"));
+        assert_eq!(
+            tls.ca,
+            Some(std::path::PathBuf::from("/etc/synod/tls/ca.crt"))
+        );
+        assert_eq!(tls.amqps_listen.port(), 5671);
         std::fs::remove_dir_all(&dir).ok();
     }
 
@@ -142,6 +170,8 @@ mod tests {
         let text = broker_config_toml(&cluster_with(spec), "").expect("renders");
         let table: toml::Table = text.parse().expect("valid TOML");
         assert_eq!(table["tls-cert"].as_str(), Some("/etc/synod/tls/tls.crt"));
+        assert_eq!(table["tls-key"].as_str(), Some("/etc/synod/tls/tls.key"));
+        assert_eq!(table["tls-ca"].as_str(), Some("/etc/synod/tls/ca.crt"));
         assert_eq!(table["amqps-listen"].as_str(), Some("0.0.0.0:5671"));
         assert_eq!(table["heartbeat"].as_integer(), Some(30));
         assert_eq!(table["log-level"].as_str(), Some("debug"));

@@ -586,7 +586,47 @@ mod tests {
                 .and_then(|s| s.secret_name.as_deref())
                 == Some("certs"))
         );
+        let tls_volume = pod
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == "tls")
+            .and_then(|v| v.secret.clone())
+            .expect("tls volume");
+        assert_eq!(tls_volume.secret_name.as_deref(), Some("certs"));
         let container = broker(&set);
+        let tls_mount = container
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.name == "tls")
+            .expect("tls mount");
+        assert_eq!(tls_mount.mount_path, "/etc/synod/tls");
+        assert_eq!(tls_mount.read_only, Some(true));
+        let ports: Vec<(Option<String>, i32)> = container
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| (p.name.clone(), p.container_port))
+            .collect();
+        assert!(ports.contains(&(Some("amqps".into()), 5671)), "{ports:?}");
+        assert!(ports.contains(&(Some("amqp".into()), 5672)), "{ports:?}");
+        let plain = broker(&stateful_set(&cluster(), 3).expect("builds"));
+        assert!(
+            plain
+                .ports
+                .iter()
+                .flatten()
+                .all(|p| p.container_port != 5671),
+            "no amqps port without TLS"
+        );
+        assert!(
+            plain
+                .volume_mounts
+                .iter()
+                .flatten()
+                .all(|m| m.name != "tls")
+        );
         assert_eq!(
             container
                 .readiness_probe

@@ -92,6 +92,9 @@ const BROKER_LISTEN_DEFAULTS: [(&str, u16); 4] = [
 /// Where subnet claims of concurrently running simulators are recorded.
 const SUBNET_LOCK_DIR: &str = "synod-kubelet-subnets";
 
+/// A volume's files: path inside the volume, content.
+type VolumeFiles = Vec<(String, Vec<u8>)>;
+
 /// Why the simulator could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -443,6 +446,37 @@ impl Kubelet {
                 .join(format!("{container}.log")),
         )
         .unwrap_or_default()
+    }
+
+    /// Sends `signal` to the process group of `container` in `pod`, as the
+    /// Pod's status names it (`containerID: synod-process://<group>`); false
+    /// when that status names no process this simulator runs. SIGSTOP and
+    /// SIGCONT make a broker unresponsive and back without the restart a
+    /// crash would cause.
+    pub fn signal_container(&self, pod: &Pod, container: &str, signal: libc::c_int) -> bool {
+        let group = pod
+            .status
+            .as_ref()
+            .and_then(|status| status.container_statuses.as_ref())
+            .and_then(|statuses| statuses.iter().find(|s| s.name == container))
+            .and_then(|status| status.container_id.as_deref())
+            .and_then(|id| id.strip_prefix("synod-process://"))
+            .and_then(|group| group.parse::<u32>().ok());
+        let Some(group) = group else {
+            return false;
+        };
+        // A stale status may name a process that is gone (and a pid reused):
+        // only groups this simulator started and still tracks are signalled.
+        let ours = self
+            .shared
+            .groups
+            .lock()
+            .map(|groups| groups.contains(&group))
+            .unwrap_or(false);
+        if ours {
+            process::signal_group(group, signal);
+        }
+        ours
     }
 
     /// Stops simulating: kills every process now (Pods stay in the API).
@@ -1077,6 +1111,9 @@ impl Context {
         // Volumes: name -> directory on this machine.
         let mut volume_dirs: HashMap<String, PathBuf> = HashMap::new();
         let mut token_file: Option<PathBuf> = None;
+        // ConfigMap text is rewritten like args, mount paths included, so it
+        // is written once every volume has its directory.
+        let mut config_files: Vec<(PathBuf, VolumeFiles)> = Vec::new();
         for volume in spec.volumes.clone().unwrap_or_default() {
             let dir = runtime.dir.join("volumes").join(&volume.name);
             std::fs::create_dir_all(&dir).map_err(|error| io_failure(error.to_string()))?;
@@ -1090,8 +1127,7 @@ impl Context {
                     )
                     .await
                     .map_err(config_error)?;
-                self.write_files(&dir, files, true, runtime)
-                    .map_err(io_failure)?;
+                config_files.push((dir.clone(), files));
             } else if let Some(source) = &volume.secret {
                 let secret_name = source.secret_name.clone().unwrap_or_default();
                 let files = self
@@ -1103,8 +1139,7 @@ impl Context {
                     )
                     .await
                     .map_err(config_error)?;
-                self.write_files(&dir, files, false, runtime)
-                    .map_err(io_failure)?;
+                self.write_files(&dir, files, None).map_err(io_failure)?;
             } else if let Some(source) = &volume.persistent_volume_claim {
                 let claim = self
                     .claims
@@ -1139,8 +1174,7 @@ impl Context {
                         ));
                     }
                 }
-                self.write_files(&dir, files, false, runtime)
-                    .map_err(io_failure)?;
+                self.write_files(&dir, files, None).map_err(io_failure)?;
             } else if let Some(source) = &volume.projected {
                 for projection in source.sources.clone().unwrap_or_default() {
                     let files = if let Some(source) = &projection.config_map {
@@ -1185,11 +1219,35 @@ impl Context {
                     } else {
                         Vec::new()
                     };
-                    self.write_files(&dir, files, false, runtime)
-                        .map_err(io_failure)?;
+                    self.write_files(&dir, files, None).map_err(io_failure)?;
                 }
             }
             volume_dirs.insert(volume.name.clone(), dir);
+        }
+        // A volume mounted in several containers is rewritten with the first
+        // container's paths (init containers first, as they start first).
+        let mut mounts: Vec<(String, PathBuf)> = Vec::new();
+        for container in spec
+            .init_containers
+            .iter()
+            .flatten()
+            .chain(spec.containers.iter())
+        {
+            for (path, dir) in container_mounts(container, &volume_dirs) {
+                if mounts.iter().all(|(known, _)| *known != path) {
+                    mounts.push((path, dir));
+                }
+            }
+        }
+        let rewriter = Rewriter {
+            mounts,
+            ip: runtime.ip,
+            addresses: self.addresses.clone(),
+            subnet_prefix: self.subnet_prefix,
+        };
+        for (dir, files) in config_files {
+            self.write_files(&dir, files, Some(&rewriter))
+                .map_err(io_failure)?;
         }
 
         let mut init = Vec::new();
@@ -1231,22 +1289,8 @@ impl Context {
     ) -> Result<Launch, (String, String)> {
         let namespace = runtime.namespace.as_str();
         let config_error = |message: String| ("CreateContainerConfigError".to_string(), message);
-        let mounts: Vec<(String, PathBuf)> = container
-            .volume_mounts
-            .clone()
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(|mount| {
-                let dir = volume_dirs.get(&mount.name)?;
-                let dir = match &mount.sub_path {
-                    Some(sub_path) if !sub_path.is_empty() => dir.join(sub_path),
-                    _ => dir.clone(),
-                };
-                Some((mount.mount_path, dir))
-            })
-            .collect();
         let rewriter = Rewriter {
-            mounts,
+            mounts: container_mounts(container, volume_dirs),
             ip: runtime.ip,
             addresses: self.addresses.clone(),
             subnet_prefix: self.subnet_prefix,
@@ -1463,20 +1507,14 @@ impl Context {
         }
     }
 
-    /// Writes volume files; ConfigMap text gets the same rewriting as args.
+    /// Writes volume files; text is rewritten by `rewriter` when given
+    /// (ConfigMap text gets the same rewriting as args).
     fn write_files(
         &self,
         dir: &Path,
         files: Vec<(String, Vec<u8>)>,
-        rewrite: bool,
-        runtime: &PodRuntime,
+        rewriter: Option<&Rewriter>,
     ) -> Result<(), String> {
-        let rewriter = Rewriter {
-            mounts: Vec::new(),
-            ip: runtime.ip,
-            addresses: self.addresses.clone(),
-            subnet_prefix: self.subnet_prefix,
-        };
         for (path, content) in files {
             if path.split('/').any(|part| part == "..") {
                 return Err(format!("volume file path {path} leaves its volume"));
@@ -1485,8 +1523,8 @@ impl Context {
             if let Some(parent) = target.parent() {
                 std::fs::create_dir_all(parent).map_err(|error| error.to_string())?;
             }
-            let content = match (rewrite, String::from_utf8(content)) {
-                (true, Ok(text)) => rewriter.rewrite(&text).into_bytes(),
+            let content = match (rewriter, String::from_utf8(content)) {
+                (Some(rewriter), Ok(text)) => rewriter.rewrite(&text).into_bytes(),
                 (_, Ok(text)) => text.into_bytes(),
                 (_, Err(error)) => error.into_bytes(),
             };
@@ -1876,13 +1914,7 @@ impl Rewriter {
         let mut text = replace_wildcard(text, "0.0.0.0:", &pod_address);
         text = replace_wildcard(&text, "[::]:", &pod_address);
         text = self.rewrite_dns_names(&text);
-        // Longest mount path first, so /etc/synod/tls wins over /etc/synod.
-        let mut mounts = self.mounts.clone();
-        mounts.sort_by_key(|(path, _)| std::cmp::Reverse(path.len()));
-        for (mount_path, dir) in &mounts {
-            text = replace_path(&text, mount_path, &dir.display().to_string());
-        }
-        text
+        replace_paths(&text, &self.mounts)
     }
 
     /// Replaces `<pod>.<service>.<namespace>.svc[.cluster.local]` names.
@@ -1947,40 +1979,62 @@ fn replace_wildcard(text: &str, from: &str, to: &str) -> String {
     out
 }
 
-/// Replaces `from` where it is a whole path or a path prefix.
-fn replace_path(text: &str, from: &str, to: &str) -> String {
-    if from.is_empty() || from == "/" {
-        return text.to_string();
-    }
-    let from = from.trim_end_matches('/');
-    let mut out = String::new();
-    let mut rest = text;
-    while let Some(position) = rest.find(from) {
-        let before = out
+/// Replaces every mount path that is a whole path or a path prefix by its
+/// directory, in one pass: a replacement is never rewritten again (the
+/// directories live under the temp dir, which may itself be a mount path
+/// such as `/tmp`), and the longest mount path wins (`/etc/synod/tls` over
+/// `/etc/synod`).
+fn replace_paths(text: &str, mounts: &[(String, PathBuf)]) -> String {
+    let is_path_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_');
+    let mut mounts: Vec<(&str, String)> = mounts
+        .iter()
+        .map(|(path, dir)| (path.trim_end_matches('/'), dir.display().to_string()))
+        .filter(|(path, _)| !path.is_empty())
+        .collect();
+    mounts.sort_by_key(|(path, _)| std::cmp::Reverse(path.len()));
+    let mut out = String::with_capacity(text.len());
+    let mut index = 0;
+    'scan: while let Some(c) = text[index..].chars().next() {
+        let starts_path = text[..index]
             .chars()
             .last()
-            .or_else(|| rest[..position].chars().last());
-        let before = if position > 0 {
-            rest[..position].chars().last()
-        } else {
-            before
-        };
-        let after = rest[position + from.len()..].chars().next();
-        let starts_path = before.is_none_or(|c| {
-            !(c.is_ascii_alphanumeric() || c == '/' || c == '.' || c == '-' || c == '_')
-        });
-        let ends_path =
-            after.is_none_or(|c| !(c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '_'));
-        out.push_str(&rest[..position]);
-        if starts_path && ends_path {
-            out.push_str(to);
-        } else {
-            out.push_str(from);
+            .is_none_or(|before| !(is_path_char(before) || before == '/'));
+        if starts_path {
+            for (path, dir) in &mounts {
+                let Some(after) = text[index..].strip_prefix(path) else {
+                    continue;
+                };
+                if after.chars().next().is_none_or(|next| !is_path_char(next)) {
+                    out.push_str(dir);
+                    index += path.len();
+                    continue 'scan;
+                }
+            }
         }
-        rest = &rest[position + from.len()..];
+        out.push(c);
+        index += c.len_utf8();
     }
-    out.push_str(rest);
     out
+}
+
+/// The mount paths of `container` and the directories standing in for them.
+fn container_mounts(
+    container: &Container,
+    volume_dirs: &HashMap<String, PathBuf>,
+) -> Vec<(String, PathBuf)> {
+    container
+        .volume_mounts
+        .iter()
+        .flatten()
+        .filter_map(|mount| {
+            let dir = volume_dirs.get(&mount.name)?;
+            let dir = match &mount.sub_path {
+                Some(sub_path) if !sub_path.is_empty() => dir.join(sub_path),
+                _ => dir.clone(),
+            };
+            Some((mount.mount_path.clone(), dir))
+        })
+        .collect()
 }
 
 /// Runs one probe against the Pod; unsupported kinds (gRPC) count as passing.
@@ -2057,6 +2111,8 @@ mod tests {
             mounts: vec![
                 ("/etc/synod".into(), PathBuf::from("/tmp/p/config")),
                 ("/etc/synod/tls".into(), PathBuf::from("/tmp/p/tls")),
+                // The stand-in directories are under /tmp: never rewritten twice.
+                ("/tmp".into(), PathBuf::from("/tmp/p/tmp")),
             ],
             ip: Ipv4Addr::new(127, 100, 0, 2),
             addresses: Arc::new(Mutex::new(Addresses::default())),
@@ -2072,6 +2128,10 @@ mod tests {
                 "--config=/etc/synod/synod.toml --tls-cert /etc/synod/tls/tls.crt /etc/synodx"
             ),
             "--config=/tmp/p/config/synod.toml --tls-cert /tmp/p/tls/tls.crt /etc/synodx"
+        );
+        assert_eq!(
+            rewriter.rewrite("dir = \"/tmp/x\"\nfile = \"/etc/synod/a\"\nother = \"/tmpfs\""),
+            "dir = \"/tmp/p/tmp/x\"\nfile = \"/tmp/p/config/a\"\nother = \"/tmpfs\""
         );
         assert_eq!(
             rewriter
