@@ -1072,14 +1072,7 @@ impl Connection {
             return;
         };
         self.broker.metrics.messages_published_total.inc();
-        let message = Arc::new(Message {
-            exchange,
-            routing_key,
-            properties,
-            properties_raw,
-            body: body.finish(),
-        });
-        if let Some(expiration) = message.properties.expiration()
+        if let Some(expiration) = properties.expiration()
             && expiration.as_str().parse::<u64>().is_err()
         {
             let err = AmqpError::new(
@@ -1091,7 +1084,7 @@ impl Connection {
             return;
         }
         // As RabbitMQ does: a publisher may not claim to be someone else.
-        if let Some(user_id) = message.properties.user_id()
+        if let Some(user_id) = properties.user_id()
             && user_id.as_str() != self.user
         {
             let err = AmqpError::new(
@@ -1106,6 +1099,13 @@ impl Connection {
             self.close_channel(channel_id, err);
             return;
         }
+        let message = Arc::new(Message::new(
+            exchange,
+            routing_key,
+            &properties,
+            &properties_raw,
+            body.finish(),
+        ));
         if let Some(ops) = channel.tx.as_mut() {
             ops.push(TxOp::Publish { message, mandatory });
             return;
@@ -1137,8 +1137,8 @@ impl Connection {
                     AMQPClass::Basic(basic::AMQPMethod::Return(basic::Return {
                         reply_code: reply::NO_ROUTE,
                         reply_text: "NO_ROUTE".into(),
-                        exchange: message.exchange.as_str().into(),
-                        routing_key: message.routing_key.as_str().into(),
+                        exchange: (*message.exchange).into(),
+                        routing_key: (*message.routing_key).into(),
                     })),
                 );
                 let frame_max = self.frame_max;
@@ -1279,8 +1279,8 @@ impl Connection {
                 }
                 let channel = self.channel_mut(channel_id)?;
                 channel.pending = Some(PendingContent {
-                    exchange: String::from(publish.exchange),
-                    routing_key: String::from(publish.routing_key),
+                    exchange: channel.names.exchange(publish.exchange.as_str()),
+                    routing_key: channel.names.routing_key(publish.routing_key.as_str()),
                     mandatory: publish.mandatory,
                     header: None,
                     body: BodyParts::Empty,
@@ -1683,8 +1683,8 @@ impl Connection {
             AMQPClass::Basic(basic::AMQPMethod::GetOk(basic::GetOk {
                 delivery_tag: tag,
                 redelivered,
-                exchange: message.exchange.as_str().into(),
-                routing_key: message.routing_key.as_str().into(),
+                exchange: (*message.exchange).into(),
+                routing_key: (*message.routing_key).into(),
                 message_count: remaining,
             })),
         );

@@ -17,7 +17,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use amq_protocol::protocol::basic::parse_properties;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -513,26 +512,15 @@ fn encode_properties(message: &Message) -> Vec<u8> {
 
 fn decode_message(stored: &[u8], body: Vec<u8>) -> Option<Message> {
     let mut rest = stored;
-    let mut take = || -> Option<String> {
+    let mut take = || -> Option<Arc<str>> {
         let len = usize::from(u16::from_be_bytes([*rest.first()?, *rest.get(1)?]));
         let bytes = rest.get(2..2 + len)?;
         rest = &rest[2 + len..];
-        String::from_utf8(bytes.to_vec()).ok()
+        std::str::from_utf8(bytes).ok().map(Arc::from)
     };
     let exchange = take()?;
     let routing_key = take()?;
-    let properties_raw = Bytes::copy_from_slice(rest);
-    let properties = match parse_properties(&properties_raw[..]) {
-        Ok((_, properties)) => properties,
-        Err(_) => return None,
-    };
-    Some(Message {
-        exchange,
-        routing_key,
-        properties,
-        properties_raw,
-        body: Bytes::from(body),
-    })
+    Message::decode(exchange, routing_key, rest, Bytes::from(body))
 }
 
 /// Whether applying `command` to `meta` can change the durable topology.
@@ -712,17 +700,16 @@ mod tests {
         let properties = AMQPProperties::default()
             .with_delivery_mode(2)
             .with_content_type("text/plain".into());
-        let message = Message {
-            exchange: "ex".into(),
-            routing_key: "rk".into(),
-            properties_raw: crate::protocol::encode_properties(&properties),
-            properties,
-            body: Bytes::from_static(b"body"),
-        };
+        let message = Message::with_properties(
+            "ex".into(),
+            "rk".into(),
+            &properties,
+            Bytes::from_static(b"body"),
+        );
         let decoded =
             decode_message(&encode_properties(&message), b"body".to_vec()).expect("decodes");
-        assert_eq!(decoded.exchange, "ex");
-        assert_eq!(decoded.routing_key, "rk");
+        assert_eq!(&*decoded.exchange, "ex");
+        assert_eq!(&*decoded.routing_key, "rk");
         assert_eq!(decoded.properties_raw, message.properties_raw);
         assert!(decoded.is_persistent());
         assert_eq!(&decoded.body[..], b"body");
@@ -829,13 +816,12 @@ mod tests {
             .expect("declare");
         let properties =
             amq_protocol::protocol::basic::AMQPProperties::default().with_delivery_mode(2);
-        let message = Arc::new(Message {
-            exchange: String::new(),
-            routing_key: "q".into(),
-            properties_raw: crate::protocol::encode_properties(&properties),
-            properties,
-            body: Bytes::from(vec![7u8; 4096]),
-        });
+        let message = Arc::new(Message::with_properties(
+            "".into(),
+            "q".into(),
+            &properties,
+            Bytes::from(vec![7u8; 4096]),
+        ));
         faults.set_space_left_bytes(Some(100));
         let mut tickets = Vec::new();
         broker

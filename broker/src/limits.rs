@@ -31,3 +31,6 @@ pub const READ_BUFFER_SIZE: usize = 64 * 1024;
 pub const READ_BUFFER_SIZE_MIN: usize = 8 * 1024;
 /// Deliveries queued for one connection but not yet written to its socket.
 pub const DELIVERY_BACKLOG_MAX: usize = 2_048;
+/// Bodies up to this size are copied out of the read buffer so that a queued
+/// message never pins a whole buffer block; larger ones stay zero-copy, in bytes.
+pub const BODY_COPY_SIZE_MAX: usize = 32 * 1024;

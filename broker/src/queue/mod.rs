@@ -747,13 +747,12 @@ mod tests {
     }
 
     fn message(body: &'static str) -> Arc<Message> {
-        Arc::new(Message {
-            exchange: String::new(),
-            routing_key: "q".into(),
-            properties: Default::default(),
-            properties_raw: Bytes::from_static(&[0, 0]),
-            body: Bytes::from_static(body.as_bytes()),
-        })
+        Arc::new(Message::with_properties(
+            "".into(),
+            "q".into(),
+            &Default::default(),
+            Bytes::from_static(body.as_bytes()),
+        ))
     }
 
     fn consumer(
