@@ -95,8 +95,9 @@ pub async fn serve(
         socket,
         peer,
         name,
-        read_buf: BytesMut::with_capacity(limits::READ_BUFFER_SIZE),
-        write_buf: BytesMut::with_capacity(64 * 1024),
+        read_buf: BytesMut::with_capacity(limits::CONNECTION_BUFFER_SIZE_MIN),
+        read_size: limits::CONNECTION_BUFFER_SIZE_MIN,
+        write_buf: BytesMut::with_capacity(limits::CONNECTION_BUFFER_SIZE_MIN),
         encoder: Encoder::default(),
         // Until tune-ok, accept up to our maximum: some clients send large
         // client properties in start-ok.
@@ -145,6 +146,9 @@ struct Connection {
     peer: SocketAddr,
     name: String,
     read_buf: BytesMut,
+    /// Room each read asks for: doubles when a read fills it, up to a
+    /// frame; back to the minimum after an idle spell.
+    read_size: usize,
     write_buf: BytesMut,
     encoder: Encoder,
     frame_max: u32,
@@ -424,10 +428,12 @@ impl Connection {
     ) -> Result<(), Error> {
         let heartbeat =
             (self.heartbeat_s > 0).then(|| Duration::from_secs(u64::from(self.heartbeat_s)));
+        // The ticker also releases grown buffers of idle connections.
+        let buffer_idle = Duration::from_millis(limits::CONNECTION_BUFFER_IDLE_MS);
         let mut ticker = tokio::time::interval(
             heartbeat
-                .map(|h| h / 2)
-                .unwrap_or(Duration::from_secs(3600)),
+                .map(|h| (h / 2).min(buffer_idle))
+                .unwrap_or(buffer_idle),
         );
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut alarm = self.broker.memory_alarm();
@@ -440,15 +446,23 @@ impl Connection {
         self.flush().await?;
         loop {
             let read_paused = self.blocked && self.has_published && !self.closing;
-            // Frozen body slices keep old blocks alive; read into fresh
-            // room rather than letting the buffer shrink to tiny reads.
-            if self.read_buf.capacity() - self.read_buf.len() < limits::READ_BUFFER_SIZE_MIN {
-                self.read_buf.reserve(limits::READ_BUFFER_SIZE);
+            // Large bodies stay zero-copy slices that keep their block
+            // alive; reserve then takes a fresh block rather than letting
+            // reads shrink to the little room left behind them.
+            if self.read_buf.capacity() - self.read_buf.len() < self.read_size / 2 {
+                self.read_buf.reserve(self.read_size);
             }
+            let room = self.read_buf.capacity() - self.read_buf.len();
             tokio::select! {
                 read = self.socket.read_buf(&mut self.read_buf), if !read_paused => {
-                    if read? == 0 {
+                    let n = read?;
+                    if n == 0 {
                         return Ok(());
+                    }
+                    if n >= room {
+                        // The peer had more to send than we had room for.
+                        let frame_size_max = self.frame_max as usize + protocol::FRAME_OVERHEAD;
+                        self.read_size = (self.read_size * 2).min(frame_size_max.max(self.read_size));
                     }
                     self.last_read = Instant::now();
                     if let Flow::Stop = self.process_input() {
@@ -486,6 +500,7 @@ impl Connection {
                     if closing_deadline.is_some_and(|d| Instant::now() > d) {
                         return Ok(());
                     }
+                    self.release_idle_buffers(buffer_idle);
                 }
                 changed = alarm.changed() => {
                     if changed.is_ok() {
@@ -515,6 +530,26 @@ impl Connection {
                 ticker = tokio::time::interval(Duration::from_millis(100));
             }
             self.flush().await?;
+        }
+    }
+
+    /// Replaces buffers that grew during a burst with minimum-size ones once
+    /// the connection has been quiet for `idle`: a thousand idle
+    /// connections should not each hold a frame-sized block.
+    fn release_idle_buffers(&mut self, idle: Duration) {
+        let size_min = limits::CONNECTION_BUFFER_SIZE_MIN;
+        if self.read_buf.is_empty()
+            && self.read_buf.capacity() > size_min
+            && self.last_read.elapsed() >= idle
+        {
+            self.read_buf = BytesMut::with_capacity(size_min);
+            self.read_size = size_min;
+        }
+        if self.write_buf.is_empty()
+            && self.write_buf.capacity() > size_min
+            && self.last_write.elapsed() >= idle
+        {
+            self.write_buf = BytesMut::with_capacity(size_min);
         }
     }
 

@@ -25,10 +25,13 @@ pub const CONNECTIONS_MAX: usize = 10_000;
 pub const MEMORY_HIGH_WATERMARK_BYTES: u64 = 1024 * 1024 * 1024;
 /// Period of the broker's housekeeping (message TTL, `x-expires`, memory alarm), in milliseconds.
 pub const HOUSEKEEPING_INTERVAL_MS: u64 = 25;
-/// Size of each connection's read buffer block, in bytes.
-pub const READ_BUFFER_SIZE: usize = 64 * 1024;
-/// Free room below which a new read buffer block is reserved, in bytes.
-pub const READ_BUFFER_SIZE_MIN: usize = 8 * 1024;
+/// Size a connection's read and write buffers start at and shrink back to
+/// when the connection is idle, in bytes. Reads that fill the read buffer
+/// double it, up to the negotiated frame size (plus a frame header).
+pub const CONNECTION_BUFFER_SIZE_MIN: usize = 4 * 1024;
+/// Time without traffic after which a connection's grown buffers are
+/// released and replaced with [`CONNECTION_BUFFER_SIZE_MIN`] ones, in milliseconds.
+pub const CONNECTION_BUFFER_IDLE_MS: u64 = 2_000;
 /// Deliveries queued for one connection but not yet written to its socket.
 pub const DELIVERY_BACKLOG_MAX: usize = 2_048;
 /// Bodies up to this size are copied out of the read buffer so that a queued
