@@ -6,9 +6,11 @@
 //! Must not: decide routing or queue semantics (that is `broker` and `queue`),
 //! or touch sockets (the connection writes the confirms this module reports).
 //!
-//! Memory bound: recovered messages are paged in (bodies read back) at
-//! startup, and every message body stays in memory while its queue holds it;
-//! the broker's memory watermark (`connection.blocked`) is what bounds it.
+//! Memory bound: each durable queue keeps at most `--queue-memory-max` of
+//! ready bodies in memory and pages persistent bodies out to the log beyond
+//! that (see `queue`); recovered messages come back paged out, so a restart
+//! reads only the bodies that reach the head. Transient bodies stay in
+//! memory; the broker's memory watermark (`connection.blocked`) bounds them.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
@@ -26,7 +28,7 @@ use crate::connection::Outbound;
 use crate::exchange::Destination;
 use crate::message::Message;
 use crate::meta::{Command, Metadata, QueueDef};
-use crate::queue::{Entry, Queue};
+use crate::queue::{Queue, Restored};
 use crate::store::{
     self, MessageId, NewMessage, Recovered, Store, StoreMetrics, StoreOptions, Ticket,
 };
@@ -106,6 +108,8 @@ pub struct Durable {
     written: Mutex<(u64, Vec<u8>)>,
     disk_alarm: AtomicBool,
     last_probe: Mutex<Instant>,
+    /// Body bytes each durable queue keeps in memory before paging out.
+    queue_memory_max_bytes: AtomicU64,
 }
 
 impl Durable {
@@ -166,8 +170,15 @@ impl Durable {
             written: Mutex::new((0, recovered.metadata.clone().unwrap_or_default())),
             disk_alarm: AtomicBool::new(false),
             last_probe: Mutex::new(Instant::now()),
+            queue_memory_max_bytes: AtomicU64::new(crate::limits::QUEUE_MEMORY_MAX_BYTES_DEFAULT),
         };
         Ok((Arc::new(durable), recovered))
+    }
+
+    /// Sets the in-memory budget of queues attached from now on (call
+    /// before [`Durable::restore`]).
+    pub fn set_queue_memory_max_bytes(&self, bytes: u64) {
+        self.queue_memory_max_bytes.store(bytes, Ordering::Relaxed);
     }
 
     /// The store.
@@ -211,25 +222,19 @@ impl Durable {
             };
             let now_ms = now_ms();
             let now = Instant::now();
-            let mut entries = Vec::with_capacity(messages.len());
-            for recovered in messages {
-                let stored = self.store.read_message(recovered.id)?;
-                let Some(message) = decode_message(&stored.properties, stored.body) else {
-                    tracing::warn!(queue = %key, id = recovered.id, "dropping a recovered message whose properties do not decode");
-                    drop(self.store.remove(&key, recovered.id));
-                    continue;
-                };
-                let expires_at = recovered
-                    .expires_at_ms
-                    .map(|at| now + Duration::from_millis(at.saturating_sub(now_ms)));
-                entries.push(Entry {
-                    seq: 0,
-                    message: Arc::new(message),
+            // Bodies stay on disk: the queue reads them back as they near
+            // its head (a message that no longer decodes is dropped then).
+            let entries: Vec<Restored> = messages
+                .into_iter()
+                .map(|recovered| Restored {
+                    store_id: recovered.id,
+                    size: u64::from(recovered.body_len),
                     redelivered: recovered.redelivered,
-                    expires_at,
-                    store_id: Some(recovered.id),
-                });
-            }
+                    expires_at: recovered
+                        .expires_at_ms
+                        .map(|at| now + Duration::from_millis(at.saturating_sub(now_ms))),
+                })
+                .collect();
             n_messages += entries.len();
             queue.restore(entries);
         }
@@ -244,6 +249,7 @@ impl Durable {
             queue.attach_log(QueueLog {
                 store: self.store.clone(),
                 key: queue_key(&queue.vhost, queue.name()),
+                memory_max_bytes: self.queue_memory_max_bytes.load(Ordering::Relaxed),
             });
         }
     }
@@ -335,9 +341,37 @@ pub struct PendingSnapshot {
 pub struct QueueLog {
     store: Arc<Store>,
     key: String,
+    memory_max_bytes: u64,
 }
 
 impl QueueLog {
+    /// Body bytes the queue keeps in memory before paging out.
+    pub fn memory_max_bytes(&self) -> u64 {
+        self.memory_max_bytes
+    }
+
+    /// Whether the message is durable, so its body may leave memory.
+    pub fn is_durable(&self, id: MessageId) -> bool {
+        self.store.is_durable(id)
+    }
+
+    /// Reads a paged-out message back (blocking: one positioned read).
+    /// `None`, logged, when the log cannot give it back.
+    pub fn read(&self, id: MessageId) -> Option<Message> {
+        let stored = match self.store.read_message(id) {
+            Ok(stored) => stored,
+            Err(err) => {
+                tracing::error!(queue = %self.key, id, %err, "cannot read a paged-out message back; dropping it");
+                return None;
+            }
+        };
+        let message = decode_message(&stored.properties, stored.body);
+        if message.is_none() {
+            tracing::error!(queue = %self.key, id, "a paged-out message's properties do not decode; dropping it");
+        }
+        message
+    }
+
     /// Logs a persistent message. Returns its id, and pushes the ticket the
     /// publisher's confirm waits for.
     pub fn persist(
@@ -792,6 +826,94 @@ mod tests {
         assert_eq!(permissions[0].2.write, "x.*");
         assert!(broker.queue("v2", "kept").is_some());
         assert!(broker.queue("v2", "lost").is_none());
+        durable.close();
+        drop(durable);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_queue_ten_times_its_memory_budget_pages_out_and_comes_back_in_order() {
+        // Goal: bodies beyond --queue-memory-max leave memory once durable, and every message returns in order, before and after a restart.
+        const BUDGET: u64 = 64 * 1024;
+        const BODY: usize = 1024;
+        const N: usize = 1_500; // 1.5 MiB of bodies: 23 times the budget
+        let dir = temp_dir("paging");
+        let open = |dir: &Path| {
+            let metrics = crate::metrics::Metrics::new();
+            let (durable, recovered) = Durable::open(dir, &metrics).expect("open");
+            durable.set_queue_memory_max_bytes(BUDGET);
+            let broker = Broker::new(crate::broker::Settings::new("n"), metrics);
+            durable.restore(&broker, recovered).expect("restore");
+            (broker, durable)
+        };
+        let body = |i: usize| {
+            let mut body = vec![(i % 251) as u8; BODY];
+            body[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            body
+        };
+        let index_of = |entry: &crate::queue::Entry| {
+            let bytes: [u8; 8] = entry.message.body[..8].try_into().expect("8 bytes");
+            u64::from_le_bytes(bytes) as usize
+        };
+        let persistent =
+            amq_protocol::protocol::basic::AMQPProperties::default().with_delivery_mode(2);
+        let (broker, durable) = open(&dir);
+        broker
+            .execute(Command::DeclareQueue {
+                vhost: "/".into(),
+                queue: queue_def("q", true),
+            })
+            .expect("declare");
+        let mut tickets = Vec::new();
+        for i in 0..N {
+            let message =
+                Message::with_properties("".into(), "q".into(), &persistent, Bytes::from(body(i)));
+            broker
+                .publish_durable("/", Arc::new(message), &mut tickets)
+                .expect("routed");
+        }
+        for ticket in tickets {
+            ticket.wait().expect("durable");
+        }
+        // Housekeeping pages out what was not yet durable at publish time.
+        broker.tick();
+        let queue = broker.queue("/", "q").expect("queue");
+        let counts = queue.counts();
+        assert_eq!(counts.ready, N as u64);
+        assert_eq!(counts.ready_bytes, (N * BODY) as u64);
+        assert!(
+            counts.loaded_bytes <= BUDGET,
+            "{} bytes in memory, budget {BUDGET}",
+            counts.loaded_bytes
+        );
+        let now = Instant::now();
+        let mut dead = Vec::new();
+        let mut most_loaded = 0;
+        for i in 0..N / 2 {
+            let (entry, _) = queue.get(true, now, &mut dead).expect("a message");
+            assert_eq!(index_of(&entry), i);
+            assert_eq!(&entry.message.body[..], &body(i)[..]);
+            assert!(entry.message.is_persistent());
+            most_loaded = most_loaded.max(queue.counts().loaded_bytes);
+        }
+        assert!(
+            most_loaded <= BUDGET,
+            "{most_loaded} bytes in memory while draining"
+        );
+        durable.close();
+        drop((broker, durable, queue));
+        // After a restart every remaining body is on disk until it is read.
+        let (broker, durable) = open(&dir);
+        let queue = broker.queue("/", "q").expect("queue restored");
+        assert_eq!(queue.counts().ready, (N - N / 2) as u64);
+        assert_eq!(queue.counts().loaded_bytes, 0);
+        for i in N / 2..N {
+            let (entry, _) = queue.get(true, now, &mut dead).expect("a message");
+            assert_eq!(index_of(&entry), i);
+            assert_eq!(&entry.message.body[..], &body(i)[..]);
+        }
+        assert!(queue.get(true, now, &mut dead).is_none());
+        assert!(dead.is_empty());
         durable.close();
         drop(durable);
         let _ = std::fs::remove_dir_all(&dir);

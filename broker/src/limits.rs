@@ -37,3 +37,10 @@ pub const DELIVERY_BACKLOG_MAX: usize = 2_048;
 /// Bodies up to this size are copied out of the read buffer so that a queued
 /// message never pins a whole buffer block; larger ones stay zero-copy, in bytes.
 pub const BODY_COPY_SIZE_MAX: usize = 32 * 1024;
+/// Default of `--queue-memory-max`: body bytes a durable queue keeps in
+/// memory before it pages persistent bodies out to the store's log.
+pub const QUEUE_MEMORY_MAX_BYTES_DEFAULT: u64 = 64 * 1024 * 1024;
+/// Messages read back from the log in one page-in (read-ahead) step.
+pub const PAGE_IN_BATCH_MAX: usize = 256;
+/// Body bytes read back from the log in one page-in step (at least one message).
+pub const PAGE_IN_BATCH_BYTES_MAX: u64 = 1024 * 1024;

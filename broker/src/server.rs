@@ -185,6 +185,7 @@ async fn start_inner(
     };
     let broker = Broker::new(settings, metrics);
     if let Some((durable, recovered)) = durable_opened {
+        durable.set_queue_memory_max_bytes(config.queue_memory_max_bytes);
         durable.restore(&broker, recovered)?;
     }
     // Paxos state lives in the data directory, so only a durable broker
