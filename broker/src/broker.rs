@@ -647,7 +647,7 @@ impl Broker {
                 vhost,
                 &message.exchange,
                 &message.routing_key,
-                message.properties.headers().as_ref(),
+                message.headers().as_ref(),
                 &mut |name| {
                     if let Some(queue) = queues.and_then(|qs| qs.get(name)) {
                         targets.push(queue.clone());
@@ -707,7 +707,7 @@ impl Broker {
                     &letter.vhost,
                     &message.exchange,
                     &message.routing_key,
-                    message.properties.headers().as_ref(),
+                    message.headers().as_ref(),
                     &mut |name| {
                         if !letter.is_cycle_to(name)
                             && let Some(queue) = queues.and_then(|qs| qs.get(name))
@@ -1134,13 +1134,12 @@ mod tests {
             })
             .expect("declare");
         assert_eq!(broker.metrics.queues.get(), 1);
-        let message = Arc::new(Message {
-            exchange: String::new(),
-            routing_key: "q".into(),
-            properties: Default::default(),
-            properties_raw: bytes::Bytes::from_static(&[0, 0]),
-            body: bytes::Bytes::from_static(b"x"),
-        });
+        let message = Arc::new(Message::with_properties(
+            "".into(),
+            "q".into(),
+            &Default::default(),
+            bytes::Bytes::from_static(b"x"),
+        ));
         let published = broker.publish("/", message).expect("publish");
         assert_eq!(published.n_queues, 1);
         assert!(broker.delete_queue("/", "q", false, true).await.is_err());

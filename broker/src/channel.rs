@@ -10,6 +10,7 @@ use amq_protocol::protocol::basic::AMQPProperties;
 use bytes::{Bytes, BytesMut};
 
 use crate::broker::ChannelInfo;
+use crate::message::NameCache;
 use crate::protocol::{AmqpError, reply};
 use crate::queue::{Credit, Entry, Queue};
 
@@ -41,9 +42,9 @@ pub struct Unacked {
 #[derive(Debug)]
 pub struct PendingContent {
     /// Exchange.
-    pub exchange: String,
+    pub exchange: Arc<str>,
     /// Routing key.
-    pub routing_key: String,
+    pub routing_key: Arc<str>,
     /// Mandatory flag.
     pub mandatory: bool,
     /// Header received: size, properties, raw properties.
@@ -174,6 +175,8 @@ pub struct Channel {
     pub pending: Option<PendingContent>,
     /// Shared counters for listing.
     pub info: Arc<ChannelInfo>,
+    /// Exchange names and routing keys shared between this channel's publishes.
+    pub names: NameCache,
 }
 
 impl Channel {
@@ -194,6 +197,7 @@ impl Channel {
                 number: id,
                 ..ChannelInfo::default()
             }),
+            names: NameCache::default(),
         }
     }
 

@@ -95,6 +95,11 @@ pub struct Args {
     /// trailing line breaks are ignored. Excludes `--default-pass`.
     #[arg(long, env = "SYNOD_DEFAULT_PASS_FILE")]
     pub default_pass_file: Option<PathBuf>,
+    /// Bytes of message bodies a durable queue keeps in memory before it pages
+    /// persistent bodies out to its log (default: 64MiB); a number of bytes
+    /// with an optional `KiB`, `MiB` or `GiB` suffix.
+    #[arg(long, env = "SYNOD_QUEUE_MEMORY_MAX")]
+    pub queue_memory_max: Option<String>,
     /// TOML file with the same keys as the flags (`data-dir = "..."`).
     #[arg(long, env = "SYNOD_CONFIG")]
     pub config: Option<PathBuf>,
@@ -121,6 +126,7 @@ struct FileConfig {
     default_user: Option<String>,
     default_pass: Option<String>,
     default_pass_file: Option<PathBuf>,
+    queue_memory_max: Option<String>,
 }
 
 /// The administrator a new broker creates instead of `guest`.
@@ -183,6 +189,8 @@ pub struct Config {
     pub metrics_per_queue: bool,
     /// The administrator bootstrapped instead of `guest` on an empty store.
     pub default_user: Option<DefaultUser>,
+    /// Body bytes a durable queue keeps in memory before paging out.
+    pub queue_memory_max_bytes: u64,
 }
 
 impl Config {
@@ -260,6 +268,10 @@ impl Config {
             args.default_pass.or(file.default_pass),
             args.default_pass_file.or(file.default_pass_file),
         )?;
+        let queue_memory_max_bytes = match args.queue_memory_max.or(file.queue_memory_max) {
+            Some(text) => parse_bytes("queue-memory-max", &text)?,
+            None => crate::limits::QUEUE_MEMORY_MAX_BYTES_DEFAULT,
+        };
         Ok(Config {
             node_name,
             data_dir,
@@ -276,6 +288,7 @@ impl Config {
                 .or(file.metrics_per_queue)
                 .unwrap_or(true),
             default_user,
+            queue_memory_max_bytes,
         })
     }
 }
@@ -324,6 +337,37 @@ fn default_user(
         }
         (Some(name), Some(password)) => Ok(Some(DefaultUser { name, password })),
     }
+}
+
+/// Parses a byte count: digits with an optional `B`, `KiB`, `MiB` or `GiB`.
+fn parse_bytes(flag: &'static str, text: &str) -> Result<u64, Error> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let multiplier: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        _ => {
+            return Err(invalid(
+                flag,
+                format!("{text:?} is not a size like 67108864 or 64MiB"),
+            ));
+        }
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(multiplier))
+        .ok_or_else(|| {
+            invalid(
+                flag,
+                format!("{text:?} is not a size like 67108864 or 64MiB"),
+            )
+        })
 }
 
 fn invalid(flag: &'static str, reason: impl Into<String>) -> Error {
@@ -426,6 +470,31 @@ mod tests {
         assert!(config.tls.is_none());
         assert!(config.metrics_per_queue);
         assert_eq!(config.max_message_size, 128 * 1024 * 1024);
+        assert_eq!(
+            config.queue_memory_max_bytes,
+            crate::limits::QUEUE_MEMORY_MAX_BYTES_DEFAULT
+        );
+    }
+
+    #[test]
+    fn queue_memory_max_takes_bytes_with_binary_units() {
+        // Goal: plain bytes and KiB/MiB/GiB parse; anything else names the flag.
+        for (text, bytes) in [
+            ("4096", 4096),
+            ("64MiB", 64 << 20),
+            ("1 GiB", 1 << 30),
+            ("0", 0),
+        ] {
+            let config = config(&["--queue-memory-max", text]).expect("valid");
+            assert_eq!(config.queue_memory_max_bytes, bytes, "{text}");
+        }
+        for text in ["", "64MB", "1.5GiB", "MiB"] {
+            let err = config(&["--queue-memory-max", text]).expect_err("must fail");
+            assert!(
+                err.to_string().contains("--queue-memory-max"),
+                "{text}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -119,8 +119,9 @@ where
         peer,
         certificate_name,
         name,
-        read_buf: BytesMut::with_capacity(limits::READ_BUFFER_SIZE),
-        write_buf: BytesMut::with_capacity(64 * 1024),
+        read_buf: BytesMut::with_capacity(limits::CONNECTION_BUFFER_SIZE_MIN),
+        read_size: limits::CONNECTION_BUFFER_SIZE_MIN,
+        write_buf: BytesMut::with_capacity(limits::CONNECTION_BUFFER_SIZE_MIN),
         encoder: Encoder::default(),
         // Until tune-ok, accept up to our maximum: some clients send large
         // client properties in start-ok.
@@ -169,6 +170,9 @@ struct Connection<S> {
     certificate_name: Option<String>,
     name: String,
     read_buf: BytesMut,
+    /// Room each read asks for: doubles when a read fills it, up to a
+    /// frame; back to the minimum after an idle spell.
+    read_size: usize,
     write_buf: BytesMut,
     encoder: Encoder,
     frame_max: u32,
@@ -506,10 +510,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
     ) -> Result<(), Error> {
         let heartbeat =
             (self.heartbeat_s > 0).then(|| Duration::from_secs(u64::from(self.heartbeat_s)));
+        // The ticker also releases grown buffers of idle connections.
+        let buffer_idle = Duration::from_millis(limits::CONNECTION_BUFFER_IDLE_MS);
         let mut ticker = tokio::time::interval(
             heartbeat
-                .map(|h| h / 2)
-                .unwrap_or(Duration::from_secs(3600)),
+                .map(|h| (h / 2).min(buffer_idle))
+                .unwrap_or(buffer_idle),
         );
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut alarm = self.broker.memory_alarm();
@@ -523,15 +529,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         loop {
             let read_paused =
                 (self.blocked && self.has_published && !self.closing) || self.deferred.is_some();
-            // Frozen body slices keep old blocks alive; read into fresh
-            // room rather than letting the buffer shrink to tiny reads.
-            if self.read_buf.capacity() - self.read_buf.len() < limits::READ_BUFFER_SIZE_MIN {
-                self.read_buf.reserve(limits::READ_BUFFER_SIZE);
+            // Large bodies stay zero-copy slices that keep their block
+            // alive; reserve then takes a fresh block rather than letting
+            // reads shrink to the little room left behind them.
+            if self.read_buf.capacity() - self.read_buf.len() < self.read_size / 2 {
+                self.read_buf.reserve(self.read_size);
             }
+            let room = self.read_buf.capacity() - self.read_buf.len();
             tokio::select! {
                 read = self.socket.read_buf(&mut self.read_buf), if !read_paused => {
-                    if read? == 0 {
+                    let n = read?;
+                    if n == 0 {
                         return Ok(());
+                    }
+                    if n >= room {
+                        // The peer had more to send than we had room for.
+                        let frame_size_max = self.frame_max as usize + protocol::FRAME_OVERHEAD;
+                        self.read_size = (self.read_size * 2).min(frame_size_max.max(self.read_size));
                     }
                     self.last_read = Instant::now();
                     if let Flow::Stop = self.process_input() {
@@ -569,6 +583,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                     if closing_deadline.is_some_and(|d| Instant::now() > d) {
                         return Ok(());
                     }
+                    self.release_idle_buffers(buffer_idle);
                 }
                 changed = alarm.changed() => {
                     if changed.is_ok() {
@@ -605,6 +620,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                 ticker = tokio::time::interval(Duration::from_millis(100));
             }
             self.flush().await?;
+        }
+    }
+
+    /// Replaces buffers that grew during a burst with minimum-size ones once
+    /// the connection has been quiet for `idle`: a thousand idle
+    /// connections should not each hold a frame-sized block.
+    fn release_idle_buffers(&mut self, idle: Duration) {
+        let size_min = limits::CONNECTION_BUFFER_SIZE_MIN;
+        if self.read_buf.is_empty()
+            && self.read_buf.capacity() > size_min
+            && self.last_read.elapsed() >= idle
+        {
+            self.read_buf = BytesMut::with_capacity(size_min);
+            self.read_size = size_min;
+        }
+        if self.write_buf.is_empty()
+            && self.write_buf.capacity() > size_min
+            && self.last_write.elapsed() >= idle
+        {
+            self.write_buf = BytesMut::with_capacity(size_min);
         }
     }
 
@@ -1213,14 +1248,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
             return;
         };
         self.broker.metrics.messages_published_total.inc();
-        let message = Arc::new(Message {
-            exchange,
-            routing_key,
-            properties,
-            properties_raw,
-            body: body.finish(),
-        });
-        if let Some(expiration) = message.properties.expiration()
+        if let Some(expiration) = properties.expiration()
             && expiration.as_str().parse::<u64>().is_err()
         {
             let err = AmqpError::new(
@@ -1232,7 +1260,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
             return;
         }
         // As RabbitMQ does: a publisher may not claim to be someone else.
-        if let Some(user_id) = message.properties.user_id()
+        if let Some(user_id) = properties.user_id()
             && user_id.as_str() != self.user
         {
             let err = AmqpError::new(
@@ -1247,6 +1275,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
             self.close_channel(channel_id, err);
             return;
         }
+        let message = Arc::new(Message::new(
+            exchange,
+            routing_key,
+            &properties,
+            &properties_raw,
+            body.finish(),
+        ));
         if let Some(ops) = channel.tx.as_mut() {
             ops.push(TxOp::Publish { message, mandatory });
             return;
@@ -1278,8 +1313,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                     AMQPClass::Basic(basic::AMQPMethod::Return(basic::Return {
                         reply_code: reply::NO_ROUTE,
                         reply_text: "NO_ROUTE".into(),
-                        exchange: message.exchange.as_str().into(),
-                        routing_key: message.routing_key.as_str().into(),
+                        exchange: (*message.exchange).into(),
+                        routing_key: (*message.routing_key).into(),
                     })),
                 );
                 let frame_max = self.frame_max;
@@ -1420,8 +1455,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                 }
                 let channel = self.channel_mut(channel_id)?;
                 channel.pending = Some(PendingContent {
-                    exchange: String::from(publish.exchange),
-                    routing_key: String::from(publish.routing_key),
+                    exchange: channel.names.exchange(publish.exchange.as_str()),
+                    routing_key: channel.names.routing_key(publish.routing_key.as_str()),
                     mandatory: publish.mandatory,
                     header: None,
                     body: BodyParts::Empty,
@@ -1835,8 +1870,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
             AMQPClass::Basic(basic::AMQPMethod::GetOk(basic::GetOk {
                 delivery_tag: tag,
                 redelivered,
-                exchange: message.exchange.as_str().into(),
-                routing_key: message.routing_key.as_str().into(),
+                exchange: (*message.exchange).into(),
+                routing_key: (*message.routing_key).into(),
                 message_count: remaining,
             })),
         );

@@ -6,9 +6,11 @@
 //! Must not: decide routing or queue semantics (that is `broker` and `queue`),
 //! or touch sockets (the connection writes the confirms this module reports).
 //!
-//! Memory bound: recovered messages are paged in (bodies read back) at
-//! startup, and every message body stays in memory while its queue holds it;
-//! the broker's memory watermark (`connection.blocked`) is what bounds it.
+//! Memory bound: each durable queue keeps at most `--queue-memory-max` of
+//! ready bodies in memory and pages persistent bodies out to the log beyond
+//! that (see `queue`); recovered messages come back paged out, so a restart
+//! reads only the bodies that reach the head. Transient bodies stay in
+//! memory; the broker's memory watermark (`connection.blocked`) bounds them.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
@@ -17,7 +19,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use amq_protocol::protocol::basic::parse_properties;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -26,7 +27,7 @@ use crate::broker::Broker;
 use crate::connection::Outbound;
 use crate::message::Message;
 use crate::meta::{Command, Metadata, QueueDef};
-use crate::queue::{Entry, Queue};
+use crate::queue::{Queue, Restored};
 use crate::store::{
     self, MessageId, NewMessage, Recovered, Store, StoreMetrics, StoreOptions, Ticket,
 };
@@ -108,6 +109,8 @@ pub struct Durable {
     last_probe: Mutex<Instant>,
     /// Set on cluster members: topology snapshots are not written.
     topology_in_log: AtomicBool,
+    /// Body bytes each durable queue keeps in memory before paging out.
+    queue_memory_max_bytes: AtomicU64,
 }
 
 impl Durable {
@@ -169,8 +172,15 @@ impl Durable {
             disk_alarm: AtomicBool::new(false),
             last_probe: Mutex::new(Instant::now()),
             topology_in_log: AtomicBool::new(false),
+            queue_memory_max_bytes: AtomicU64::new(crate::limits::QUEUE_MEMORY_MAX_BYTES_DEFAULT),
         };
         Ok((Arc::new(durable), recovered))
+    }
+
+    /// Sets the in-memory budget of queues attached from now on (call
+    /// before [`Durable::restore`]).
+    pub fn set_queue_memory_max_bytes(&self, bytes: u64) {
+        self.queue_memory_max_bytes.store(bytes, Ordering::Relaxed);
     }
 
     /// The store.
@@ -230,25 +240,19 @@ impl Durable {
             };
             let now_ms = now_ms();
             let now = Instant::now();
-            let mut entries = Vec::with_capacity(messages.len());
-            for recovered in messages {
-                let stored = self.store.read_message(recovered.id)?;
-                let Some(message) = decode_message(&stored.properties, stored.body) else {
-                    tracing::warn!(queue = %key, id = recovered.id, "dropping a recovered message whose properties do not decode");
-                    drop(self.store.remove(&key, recovered.id));
-                    continue;
-                };
-                let expires_at = recovered
-                    .expires_at_ms
-                    .map(|at| now + Duration::from_millis(at.saturating_sub(now_ms)));
-                entries.push(Entry {
-                    seq: 0,
-                    message: Arc::new(message),
+            // Bodies stay on disk: the queue reads them back as they near
+            // its head (a message that no longer decodes is dropped then).
+            let entries: Vec<Restored> = messages
+                .into_iter()
+                .map(|recovered| Restored {
+                    store_id: recovered.id,
+                    size: u64::from(recovered.body_len),
                     redelivered: recovered.redelivered,
-                    expires_at,
-                    store_id: Some(recovered.id),
-                });
-            }
+                    expires_at: recovered
+                        .expires_at_ms
+                        .map(|at| now + Duration::from_millis(at.saturating_sub(now_ms))),
+                })
+                .collect();
             n_messages += entries.len();
             queue.restore(entries);
         }
@@ -263,6 +267,7 @@ impl Durable {
             queue.attach_log(QueueLog {
                 store: self.store.clone(),
                 key: queue_key(&queue.vhost, queue.name()),
+                memory_max_bytes: self.queue_memory_max_bytes.load(Ordering::Relaxed),
             });
         }
     }
@@ -354,9 +359,37 @@ pub struct PendingSnapshot {
 pub struct QueueLog {
     store: Arc<Store>,
     key: String,
+    memory_max_bytes: u64,
 }
 
 impl QueueLog {
+    /// Body bytes the queue keeps in memory before paging out.
+    pub fn memory_max_bytes(&self) -> u64 {
+        self.memory_max_bytes
+    }
+
+    /// Whether the message is durable, so its body may leave memory.
+    pub fn is_durable(&self, id: MessageId) -> bool {
+        self.store.is_durable(id)
+    }
+
+    /// Reads a paged-out message back (blocking: one positioned read).
+    /// `None`, logged, when the log cannot give it back.
+    pub fn read(&self, id: MessageId) -> Option<Message> {
+        let stored = match self.store.read_message(id) {
+            Ok(stored) => stored,
+            Err(err) => {
+                tracing::error!(queue = %self.key, id, %err, "cannot read a paged-out message back; dropping it");
+                return None;
+            }
+        };
+        let message = decode_message(&stored.properties, stored.body);
+        if message.is_none() {
+            tracing::error!(queue = %self.key, id, "a paged-out message's properties do not decode; dropping it");
+        }
+        message
+    }
+
     /// Logs a persistent message. Returns its id, and pushes the ticket the
     /// publisher's confirm waits for.
     pub fn persist(
@@ -531,26 +564,15 @@ fn encode_properties(message: &Message) -> Vec<u8> {
 
 fn decode_message(stored: &[u8], body: Vec<u8>) -> Option<Message> {
     let mut rest = stored;
-    let mut take = || -> Option<String> {
+    let mut take = || -> Option<Arc<str>> {
         let len = usize::from(u16::from_be_bytes([*rest.first()?, *rest.get(1)?]));
         let bytes = rest.get(2..2 + len)?;
         rest = &rest[2 + len..];
-        String::from_utf8(bytes.to_vec()).ok()
+        std::str::from_utf8(bytes).ok().map(Arc::from)
     };
     let exchange = take()?;
     let routing_key = take()?;
-    let properties_raw = Bytes::copy_from_slice(rest);
-    let properties = match parse_properties(&properties_raw[..]) {
-        Ok((_, properties)) => properties,
-        Err(_) => return None,
-    };
-    Some(Message {
-        exchange,
-        routing_key,
-        properties,
-        properties_raw,
-        body: Bytes::from(body),
-    })
+    Message::decode(exchange, routing_key, rest, Bytes::from(body))
 }
 
 /// Whether applying `command` to `meta` can change the durable topology.
@@ -665,17 +687,16 @@ mod tests {
         let properties = AMQPProperties::default()
             .with_delivery_mode(2)
             .with_content_type("text/plain".into());
-        let message = Message {
-            exchange: "ex".into(),
-            routing_key: "rk".into(),
-            properties_raw: crate::protocol::encode_properties(&properties),
-            properties,
-            body: Bytes::from_static(b"body"),
-        };
+        let message = Message::with_properties(
+            "ex".into(),
+            "rk".into(),
+            &properties,
+            Bytes::from_static(b"body"),
+        );
         let decoded =
             decode_message(&encode_properties(&message), b"body".to_vec()).expect("decodes");
-        assert_eq!(decoded.exchange, "ex");
-        assert_eq!(decoded.routing_key, "rk");
+        assert_eq!(&*decoded.exchange, "ex");
+        assert_eq!(&*decoded.routing_key, "rk");
         assert_eq!(decoded.properties_raw, message.properties_raw);
         assert!(decoded.is_persistent());
         assert_eq!(&decoded.body[..], b"body");
@@ -763,6 +784,94 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    #[test]
+    fn a_queue_ten_times_its_memory_budget_pages_out_and_comes_back_in_order() {
+        // Goal: bodies beyond --queue-memory-max leave memory once durable, and every message returns in order, before and after a restart.
+        const BUDGET: u64 = 64 * 1024;
+        const BODY: usize = 1024;
+        const N: usize = 1_500; // 1.5 MiB of bodies: 23 times the budget
+        let dir = temp_dir("paging");
+        let open = |dir: &Path| {
+            let metrics = crate::metrics::Metrics::new();
+            let (durable, recovered) = Durable::open(dir, &metrics).expect("open");
+            durable.set_queue_memory_max_bytes(BUDGET);
+            let broker = Broker::new(crate::broker::Settings::new("n"), metrics);
+            durable.restore(&broker, recovered).expect("restore");
+            (broker, durable)
+        };
+        let body = |i: usize| {
+            let mut body = vec![(i % 251) as u8; BODY];
+            body[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            body
+        };
+        let index_of = |entry: &crate::queue::Entry| {
+            let bytes: [u8; 8] = entry.message.body[..8].try_into().expect("8 bytes");
+            u64::from_le_bytes(bytes) as usize
+        };
+        let persistent =
+            amq_protocol::protocol::basic::AMQPProperties::default().with_delivery_mode(2);
+        let (broker, durable) = open(&dir);
+        broker
+            .execute(Command::DeclareQueue {
+                vhost: "/".into(),
+                queue: queue_def("q", true),
+            })
+            .expect("declare");
+        let mut tickets = Vec::new();
+        for i in 0..N {
+            let message =
+                Message::with_properties("".into(), "q".into(), &persistent, Bytes::from(body(i)));
+            broker
+                .publish_durable("/", Arc::new(message), &mut tickets)
+                .expect("routed");
+        }
+        for ticket in tickets {
+            ticket.wait().expect("durable");
+        }
+        // Housekeeping pages out what was not yet durable at publish time.
+        broker.tick();
+        let queue = broker.queue("/", "q").expect("queue");
+        let counts = queue.counts();
+        assert_eq!(counts.ready, N as u64);
+        assert_eq!(counts.ready_bytes, (N * BODY) as u64);
+        assert!(
+            counts.loaded_bytes <= BUDGET,
+            "{} bytes in memory, budget {BUDGET}",
+            counts.loaded_bytes
+        );
+        let now = Instant::now();
+        let mut dead = Vec::new();
+        let mut most_loaded = 0;
+        for i in 0..N / 2 {
+            let (entry, _) = queue.get(true, now, &mut dead).expect("a message");
+            assert_eq!(index_of(&entry), i);
+            assert_eq!(&entry.message.body[..], &body(i)[..]);
+            assert!(entry.message.is_persistent());
+            most_loaded = most_loaded.max(queue.counts().loaded_bytes);
+        }
+        assert!(
+            most_loaded <= BUDGET,
+            "{most_loaded} bytes in memory while draining"
+        );
+        durable.close();
+        drop((broker, durable, queue));
+        // After a restart every remaining body is on disk until it is read.
+        let (broker, durable) = open(&dir);
+        let queue = broker.queue("/", "q").expect("queue restored");
+        assert_eq!(queue.counts().ready, (N - N / 2) as u64);
+        assert_eq!(queue.counts().loaded_bytes, 0);
+        for i in N / 2..N {
+            let (entry, _) = queue.get(true, now, &mut dead).expect("a message");
+            assert_eq!(index_of(&entry), i);
+            assert_eq!(&entry.message.body[..], &body(i)[..]);
+        }
+        assert!(queue.get(true, now, &mut dead).is_none());
+        assert!(dead.is_empty());
+        durable.close();
+        drop(durable);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[tokio::test]
     async fn a_full_disk_nacks_persistent_publishes_raises_the_alarm_and_recovers() {
         // Goal: ENOSPC turns into a nack and a publisher block that clears by itself once space returns.
@@ -782,13 +891,12 @@ mod tests {
             .expect("declare");
         let properties =
             amq_protocol::protocol::basic::AMQPProperties::default().with_delivery_mode(2);
-        let message = Arc::new(Message {
-            exchange: String::new(),
-            routing_key: "q".into(),
-            properties_raw: crate::protocol::encode_properties(&properties),
-            properties,
-            body: Bytes::from(vec![7u8; 4096]),
-        });
+        let message = Arc::new(Message::with_properties(
+            "".into(),
+            "q".into(),
+            &properties,
+            Bytes::from(vec![7u8; 4096]),
+        ));
         faults.set_space_left_bytes(Some(100));
         let mut tickets = Vec::new();
         broker

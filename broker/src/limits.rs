@@ -43,9 +43,22 @@ pub const HTTPS_HANDSHAKES_MAX: usize = 256;
 pub const MEMORY_HIGH_WATERMARK_BYTES: u64 = 1024 * 1024 * 1024;
 /// Period of the broker's housekeeping (message TTL, `x-expires`, memory alarm), in milliseconds.
 pub const HOUSEKEEPING_INTERVAL_MS: u64 = 25;
-/// Size of each connection's read buffer block, in bytes.
-pub const READ_BUFFER_SIZE: usize = 64 * 1024;
-/// Free room below which a new read buffer block is reserved, in bytes.
-pub const READ_BUFFER_SIZE_MIN: usize = 8 * 1024;
+/// Size a connection's read and write buffers start at and shrink back to
+/// when the connection is idle, in bytes. Reads that fill the read buffer
+/// double it, up to the negotiated frame size (plus a frame header).
+pub const CONNECTION_BUFFER_SIZE_MIN: usize = 4 * 1024;
+/// Time without traffic after which a connection's grown buffers are
+/// released and replaced with [`CONNECTION_BUFFER_SIZE_MIN`] ones, in milliseconds.
+pub const CONNECTION_BUFFER_IDLE_MS: u64 = 2_000;
 /// Deliveries queued for one connection but not yet written to its socket.
 pub const DELIVERY_BACKLOG_MAX: usize = 2_048;
+/// Bodies up to this size are copied out of the read buffer so that a queued
+/// message never pins a whole buffer block; larger ones stay zero-copy, in bytes.
+pub const BODY_COPY_SIZE_MAX: usize = 32 * 1024;
+/// Default of `--queue-memory-max`: body bytes a durable queue keeps in
+/// memory before it pages persistent bodies out to the store's log.
+pub const QUEUE_MEMORY_MAX_BYTES_DEFAULT: u64 = 64 * 1024 * 1024;
+/// Messages read back from the log in one page-in (read-ahead) step.
+pub const PAGE_IN_BATCH_MAX: usize = 256;
+/// Body bytes read back from the log in one page-in step (at least one message).
+pub const PAGE_IN_BATCH_BYTES_MAX: u64 = 1024 * 1024;

@@ -227,6 +227,7 @@ async fn start_inner(
     // joins a cluster; an in-memory one stays a single node.
     let clustered = durable && !config.peers.is_empty();
     if let Some((durable, recovered)) = durable_opened {
+        durable.set_queue_memory_max_bytes(config.queue_memory_max_bytes);
         let restored = if clustered {
             join_cluster(&broker, &config, &durable, recovered).await
         } else {

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use amq_protocol::types::{AMQPValue, FieldArray, FieldTable};
 
 use crate::message::Message;
-use crate::protocol::encode_properties;
 
 /// Why a message was dead-lettered (the `reason` field of `x-death`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,7 +58,8 @@ impl DeadLetter {
     /// The rewritten message, with `time` (seconds since the epoch) in `x-death`.
     pub fn rewrite(&self, time_s: u64) -> Message {
         let original = &self.message;
-        let mut headers = original.properties.headers().clone().unwrap_or_default();
+        let original_properties = original.properties();
+        let mut headers = original_properties.headers().clone().unwrap_or_default();
         let old_deaths: Vec<AMQPValue> = match headers.inner().get("x-death") {
             Some(AMQPValue::FieldArray(array)) => array.as_slice().to_vec(),
             _ => Vec::new(),
@@ -92,15 +92,15 @@ impl DeadLetter {
         entry.insert("time".into(), AMQPValue::Timestamp(time_s));
         entry.insert(
             "exchange".into(),
-            AMQPValue::LongString(original.exchange.as_str().into()),
+            AMQPValue::LongString((*original.exchange).into()),
         );
         entry.insert(
             "routing-keys".into(),
             AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::LongString(
-                original.routing_key.as_str().into(),
+                (*original.routing_key).into(),
             )])),
         );
-        if let Some(expiration) = original.properties.expiration() {
+        if let Some(expiration) = original_properties.expiration() {
             entry.insert(
                 "original-expiration".into(),
                 AMQPValue::LongString(expiration.as_str().into()),
@@ -122,7 +122,7 @@ impl DeadLetter {
             );
             headers.insert(
                 "x-first-death-exchange".into(),
-                AMQPValue::LongString(original.exchange.as_str().into()),
+                AMQPValue::LongString((*original.exchange).into()),
             );
         }
         headers.insert(
@@ -135,28 +135,24 @@ impl DeadLetter {
         );
         headers.insert(
             "x-last-death-exchange".into(),
-            AMQPValue::LongString(original.exchange.as_str().into()),
+            AMQPValue::LongString((*original.exchange).into()),
         );
-        let properties = without_expiration(&original.properties).with_headers(headers);
-        Message {
-            exchange: self.exchange.clone(),
-            routing_key: self.routing_key().to_string(),
-            properties_raw: encode_properties(&properties),
-            properties,
-            body: original.body.clone(),
-        }
+        let properties = without_expiration(&original_properties).with_headers(headers);
+        Message::with_properties(
+            Arc::from(self.exchange.as_str()),
+            Arc::from(self.routing_key()),
+            &properties,
+            original.body.clone(),
+        )
     }
 
     /// RabbitMQ's cycle rule: drop a dead letter that would return to a
     /// queue it already died in, unless some death in its history was a
     /// rejection (a client decision, so not an infinite loop).
     pub fn is_cycle_to(&self, target_queue: &str) -> bool {
-        let Some(AMQPValue::FieldArray(deaths)) = self
-            .message
-            .properties
-            .headers()
-            .as_ref()
-            .and_then(|h| h.inner().get("x-death"))
+        let headers = self.message.headers();
+        let Some(AMQPValue::FieldArray(deaths)) =
+            headers.as_ref().and_then(|h| h.inner().get("x-death"))
         else {
             return target_queue == self.queue && self.reason != Reason::Rejected;
         };
@@ -243,16 +239,16 @@ mod tests {
     fn x_death_is_written_and_counts_repeats() {
         // Goal: x-death has RabbitMQ's fields; a second death in the same queue bumps count.
         let properties = AMQPProperties::default().with_expiration("5000".into());
-        let message = Message {
-            exchange: "ex".into(),
-            routing_key: "rk".into(),
-            properties_raw: encode_properties(&properties),
-            properties,
-            body: Bytes::from_static(b"x"),
-        };
+        let message = Message::with_properties(
+            "ex".into(),
+            "rk".into(),
+            &properties,
+            Bytes::from_static(b"x"),
+        );
         let once = letter(message, Reason::Expired, "q").rewrite(1_700_000_000);
-        assert!(once.properties.expiration().is_none());
-        let headers = once.properties.headers().clone().expect("headers");
+        assert!(once.properties().expiration().is_none());
+        assert_eq!(once.expiration_ms(), None);
+        let headers = once.headers().expect("headers");
         let Some(AMQPValue::FieldArray(deaths)) = headers.inner().get("x-death") else {
             panic!("no x-death");
         };
@@ -270,7 +266,7 @@ mod tests {
         let again = letter(once, Reason::Expired, "q");
         assert!(again.is_cycle_to("q"));
         let twice = again.rewrite(1_700_000_001);
-        let headers = twice.properties.headers().clone().expect("headers");
+        let headers = twice.headers().expect("headers");
         let Some(AMQPValue::FieldArray(deaths)) = headers.inner().get("x-death") else {
             panic!("no x-death");
         };

@@ -5,6 +5,25 @@
 //! it. Dead letters are returned to the caller, who routes them after the
 //! lock is released (so a dead-letter cycle cannot deadlock). This is the
 //! boundary where persistence records and a remote home node plug in.
+//!
+//! Paging: a durable queue keeps at most its log's `memory_max_bytes` of
+//! ready bodies in memory. Beyond that, persistent bodies already durable in
+//! the store's log are dropped from memory and only their index (store id,
+//! size, flags) stays; they are read back from the log, a batch at a time,
+//! as they reach the head. The ready list is three regions, in order:
+//!
+//! ```text
+//! [ head: all loaded ][ middle: paged, or loaded if transient ][ tail: all loaded ]
+//! ```
+//!
+//! New messages join the tail. Paging out walks the tail from its front
+//! (oldest first, so the first to be durable), after letting the head fill
+//! to half the budget; paging in moves a batch from the middle to the head.
+//! Deliveries always carry loaded messages. Transient messages are never
+//! paged: beyond the budget they stay in memory, where the broker's memory
+//! watermark (`connection.blocked`) bounds them. Reads happen under the
+//! queue lock on the calling task; they are bounded by
+//! [`limits::PAGE_IN_BATCH_MAX`] and [`limits::PAGE_IN_BATCH_BYTES_MAX`].
 
 pub mod args;
 pub mod dead_letter;
@@ -150,6 +169,61 @@ pub enum Enqueued {
     Rejected,
 }
 
+/// Where a ready message's body is.
+#[derive(Debug)]
+enum Body {
+    /// In memory.
+    Loaded(Arc<Message>),
+    /// Only in the store's log; read back before delivery.
+    Paged {
+        /// Body size in bytes.
+        size: u64,
+    },
+}
+
+/// A ready message: an [`Entry`] whose body may be paged out.
+#[derive(Debug)]
+struct Queued {
+    seq: u64,
+    body: Body,
+    redelivered: bool,
+    expires_at: Option<Instant>,
+    store_id: Option<crate::store::MessageId>,
+}
+
+impl Queued {
+    fn from_entry(entry: Entry) -> Queued {
+        Queued {
+            seq: entry.seq,
+            body: Body::Loaded(entry.message),
+            redelivered: entry.redelivered,
+            expires_at: entry.expires_at,
+            store_id: entry.store_id,
+        }
+    }
+
+    fn size(&self) -> u64 {
+        match &self.body {
+            Body::Loaded(message) => message.body_size(),
+            Body::Paged { size } => *size,
+        }
+    }
+}
+
+/// A persistent message found in a durable queue's log at startup; its body
+/// stays on disk until it nears the head.
+#[derive(Debug, Clone, Copy)]
+pub struct Restored {
+    /// Its record in the store.
+    pub store_id: crate::store::MessageId,
+    /// Body size in bytes.
+    pub size: u64,
+    /// Delivered before the restart.
+    pub redelivered: bool,
+    /// When TTL makes it expire.
+    pub expires_at: Option<Instant>,
+}
+
 /// Message counts of a queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct QueueCounts {
@@ -161,12 +235,23 @@ pub struct QueueCounts {
     pub consumers: u64,
     /// Bytes of ready bodies.
     pub ready_bytes: u64,
+    /// Of those, bytes held in memory (the rest are paged out to the log).
+    pub loaded_bytes: u64,
 }
 
 #[derive(Debug)]
 struct State {
-    ready: VecDeque<Entry>,
+    ready: VecDeque<Queued>,
     ready_bytes: u64,
+    /// Bytes of ready bodies in memory.
+    loaded_bytes: u64,
+    /// Leading entries of `ready` that are all loaded.
+    head_len: usize,
+    /// Their body bytes.
+    head_bytes: u64,
+    /// Entries after the head that paging out has visited (paged, or
+    /// transient and loaded); the tail after them is all loaded.
+    middle_len: usize,
     n_unacked: u64,
     consumers: Vec<Consumer>,
     next_consumer: usize,
@@ -196,6 +281,8 @@ pub struct Queue {
     timed: AtomicBool,
     /// The store's log of a durable queue (set once, after creation).
     log: OnceLock<QueueLog>,
+    /// Over budget with bodies not yet durable: housekeeping pages out.
+    paging_pending: AtomicBool,
 }
 
 impl Queue {
@@ -221,6 +308,10 @@ impl Queue {
             state: Mutex::new(State {
                 ready: VecDeque::new(),
                 ready_bytes: 0,
+                loaded_bytes: 0,
+                head_len: 0,
+                head_bytes: 0,
+                middle_len: 0,
                 n_unacked: 0,
                 consumers: Vec::new(),
                 next_consumer: 0,
@@ -231,6 +322,7 @@ impl Queue {
             }),
             timed: AtomicBool::new(timed),
             log: OnceLock::new(),
+            paging_pending: AtomicBool::new(false),
             metrics,
             memory_bytes,
         })
@@ -262,6 +354,7 @@ impl Queue {
             unacked: state.n_unacked,
             consumers: state.consumers.len() as u64,
             ready_bytes: state.ready_bytes,
+            loaded_bytes: state.loaded_bytes,
         }
     }
 
@@ -327,16 +420,18 @@ impl Queue {
         let seq = state.next_seq;
         state.next_seq += 1;
         state.ready_bytes += size;
+        state.loaded_bytes += size;
         self.memory_bytes.fetch_add(size as i64, Ordering::Relaxed);
-        state.ready.push_back(Entry {
+        state.ready.push_back(Queued {
             seq,
-            message,
+            body: Body::Loaded(message),
             redelivered: false,
             expires_at: ttl_ms.map(|ms| now + Duration::from_millis(ms)),
             store_id,
         });
         self.enforce_length(&mut state, dead);
         self.dispatch_locked(&mut state, now, dead);
+        self.page_out(&mut state);
         self.update_gauges(&state);
         Enqueued::Accepted
     }
@@ -362,12 +457,133 @@ impl Queue {
         }
     }
 
+    /// Takes the head message, reading it (and a batch after it) back from
+    /// the log when it was paged out.
     fn pop_ready(&self, state: &mut State) -> Option<Entry> {
-        let entry = state.ready.pop_front()?;
-        let size = entry.message.body_size();
-        state.ready_bytes -= size;
-        self.memory_bytes.fetch_sub(size as i64, Ordering::Relaxed);
-        Some(entry)
+        loop {
+            if state.head_len == 0 && state.middle_len > 0 {
+                self.page_in(state);
+            }
+            let queued = state.ready.pop_front()?;
+            let size = queued.size();
+            state.ready_bytes -= size;
+            if state.head_len > 0 {
+                state.head_len -= 1;
+                state.head_bytes -= size;
+            } else if state.middle_len > 0 {
+                state.middle_len -= 1;
+            }
+            let Body::Loaded(message) = queued.body else {
+                // Only when the log could not give it back (logged by
+                // page_in): the message is lost, drop its record.
+                if let (Some(log), Some(id)) = (self.log.get(), queued.store_id) {
+                    log.remove(id);
+                }
+                continue;
+            };
+            state.loaded_bytes -= size;
+            self.memory_bytes.fetch_sub(size as i64, Ordering::Relaxed);
+            return Some(Entry {
+                seq: queued.seq,
+                message,
+                redelivered: queued.redelivered,
+                expires_at: queued.expires_at,
+                store_id: queued.store_id,
+            });
+        }
+    }
+
+    /// Reads paged bodies at the front of the middle back from the log and
+    /// moves them into the head: at least one message, then up to a batch.
+    fn page_in(&self, state: &mut State) {
+        let Some(log) = self.log.get() else {
+            // Without a log nothing was paged; the middle is all loaded.
+            state.head_len += state.middle_len;
+            state.head_bytes += state
+                .ready
+                .iter()
+                .take(state.middle_len)
+                .map(Queued::size)
+                .sum::<u64>();
+            state.middle_len = 0;
+            return;
+        };
+        // A batch never takes more than half the budget, so paging in
+        // cannot undo paging out.
+        let batch_bytes_max = limits::PAGE_IN_BATCH_BYTES_MAX.min(log.memory_max_bytes() / 2);
+        let mut n = 0;
+        let mut bytes = 0u64;
+        while state.middle_len > 0
+            && n < limits::PAGE_IN_BATCH_MAX
+            && (n == 0 || bytes + state.ready[state.head_len].size() <= batch_bytes_max)
+        {
+            let index = state.head_len;
+            let queued = &mut state.ready[index];
+            let size = queued.size();
+            if let (Body::Paged { .. }, Some(id)) = (&queued.body, queued.store_id) {
+                match log.read(id) {
+                    Some(message) => {
+                        queued.body = Body::Loaded(Arc::new(message));
+                        state.loaded_bytes += size;
+                        self.memory_bytes.fetch_add(size as i64, Ordering::Relaxed);
+                    }
+                    None => {
+                        // Leave it paged at the very front: pop_ready drops it.
+                        if n == 0 {
+                            return;
+                        }
+                        break;
+                    }
+                }
+            }
+            state.head_len += 1;
+            state.head_bytes += size;
+            state.middle_len -= 1;
+            n += 1;
+            bytes += size;
+        }
+    }
+
+    /// Pages persistent bodies out to the log while the queue holds more
+    /// than its budget in memory. Stops at the first body not yet durable
+    /// (the next publish or housekeeping tick tries again).
+    fn page_out(&self, state: &mut State) {
+        let Some(log) = self.log.get() else {
+            return;
+        };
+        let budget = log.memory_max_bytes();
+        if state.loaded_bytes <= budget {
+            return;
+        }
+        // Keep half the budget at the head: the next deliveries need no read.
+        if state.middle_len == 0 {
+            while state.head_len < state.ready.len() {
+                let size = state.ready[state.head_len].size();
+                if state.head_bytes + size > budget / 2 {
+                    break;
+                }
+                state.head_len += 1;
+                state.head_bytes += size;
+            }
+        }
+        self.paging_pending.store(false, Ordering::Relaxed);
+        while state.loaded_bytes > budget {
+            let index = state.head_len + state.middle_len;
+            let Some(queued) = state.ready.get_mut(index) else {
+                return;
+            };
+            if let (Body::Loaded(_), Some(id)) = (&queued.body, queued.store_id) {
+                if !log.is_durable(id) {
+                    self.paging_pending.store(true, Ordering::Relaxed);
+                    return;
+                }
+                let size = queued.size();
+                queued.body = Body::Paged { size };
+                state.loaded_bytes -= size;
+                self.memory_bytes.fetch_sub(size as i64, Ordering::Relaxed);
+            }
+            state.middle_len += 1;
+        }
     }
 
     fn drop_expired_head(&self, state: &mut State, now: Instant, dead: &mut Vec<DeadLetter>) {
@@ -481,9 +697,17 @@ impl Queue {
     fn insert_sorted(&self, state: &mut State, entry: Entry) {
         let size = entry.message.body_size();
         state.ready_bytes += size;
+        state.loaded_bytes += size;
         self.memory_bytes.fetch_add(size as i64, Ordering::Relaxed);
         let at = state.ready.partition_point(|e| e.seq < entry.seq);
-        state.ready.insert(at, entry);
+        // A loaded entry may sit in any region; it joins the one it lands in.
+        if at <= state.head_len {
+            state.head_len += 1;
+            state.head_bytes += size;
+        } else if at <= state.head_len + state.middle_len {
+            state.middle_len += 1;
+        }
+        state.ready.insert(at, Queued::from_entry(entry));
     }
 
     /// `basic.get`: takes the head message. With `no_ack = false` it counts
@@ -615,13 +839,12 @@ impl Queue {
     pub fn purge(&self) -> u64 {
         let mut state = self.lock();
         let n = state.ready.len() as u64;
-        self.memory_bytes
-            .fetch_sub(state.ready_bytes as i64, Ordering::Relaxed);
-        for entry in &state.ready {
-            self.forget(entry);
+        if let Some(log) = self.log.get() {
+            for id in state.ready.iter().filter_map(|q| q.store_id) {
+                log.remove(id);
+            }
         }
-        state.ready.clear();
-        state.ready_bytes = 0;
+        self.clear_ready(&mut state);
         self.update_gauges(&state);
         n
     }
@@ -638,10 +861,7 @@ impl Queue {
             log.drop_all();
         }
         let n = state.ready.len() as u64;
-        self.memory_bytes
-            .fetch_sub(state.ready_bytes as i64, Ordering::Relaxed);
-        state.ready.clear();
-        state.ready_bytes = 0;
+        self.clear_ready(&mut state);
         let consumers = std::mem::take(&mut state.consumers);
         self.metrics.consumers.sub(consumers.len() as i64);
         self.metrics.queues.dec();
@@ -658,9 +878,27 @@ impl Queue {
         (consumers, n)
     }
 
+    fn clear_ready(&self, state: &mut State) {
+        self.memory_bytes
+            .fetch_sub(state.loaded_bytes as i64, Ordering::Relaxed);
+        state.ready.clear();
+        state.ready_bytes = 0;
+        state.loaded_bytes = 0;
+        state.head_len = 0;
+        state.head_bytes = 0;
+        state.middle_len = 0;
+    }
+
     /// Periodic work: expires messages at the head; returns true when
     /// `x-expires` says the unused queue should now be deleted.
     pub fn tick(self: &Arc<Self>, now: Instant, dead: &mut Vec<DeadLetter>) -> bool {
+        if self.paging_pending.load(Ordering::Relaxed) {
+            // Bodies that were not yet durable at the last publish may be now.
+            let mut state = self.lock();
+            if !state.deleted {
+                self.page_out(&mut state);
+            }
+        }
         if !self.timed.load(Ordering::Relaxed) {
             return false;
         }
@@ -705,19 +943,31 @@ impl Queue {
         }
     }
 
-    /// Puts recovered messages back, in order, after whatever the queue holds.
-    pub fn restore(&self, entries: Vec<Entry>) {
+    /// Puts recovered messages back, in order, after whatever the queue
+    /// holds, with their bodies paged out: they are read back from the log
+    /// as they reach the head.
+    pub fn restore(&self, entries: Vec<Restored>) {
         let mut state = self.lock();
-        for mut entry in entries {
-            if entry.expires_at.is_some() {
+        // Whatever the queue holds counts as visited, so the paged entries
+        // join the middle behind it.
+        state.middle_len = state.ready.len() - state.head_len;
+        for restored in entries {
+            if restored.expires_at.is_some() {
                 self.timed.store(true, Ordering::Relaxed);
             }
-            entry.seq = state.next_seq;
+            let seq = state.next_seq;
             state.next_seq += 1;
-            let size = entry.message.body_size();
-            state.ready_bytes += size;
-            self.memory_bytes.fetch_add(size as i64, Ordering::Relaxed);
-            state.ready.push_back(entry);
+            state.ready_bytes += restored.size;
+            state.ready.push_back(Queued {
+                seq,
+                body: Body::Paged {
+                    size: restored.size,
+                },
+                redelivered: restored.redelivered,
+                expires_at: restored.expires_at,
+                store_id: Some(restored.store_id),
+            });
+            state.middle_len += 1;
         }
         self.update_gauges(&state);
     }
@@ -747,13 +997,12 @@ mod tests {
     }
 
     fn message(body: &'static str) -> Arc<Message> {
-        Arc::new(Message {
-            exchange: String::new(),
-            routing_key: "q".into(),
-            properties: Default::default(),
-            properties_raw: Bytes::from_static(&[0, 0]),
-            body: Bytes::from_static(body.as_bytes()),
-        })
+        Arc::new(Message::with_properties(
+            "".into(),
+            "q".into(),
+            &Default::default(),
+            Bytes::from_static(body.as_bytes()),
+        ))
     }
 
     fn consumer(

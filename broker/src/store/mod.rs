@@ -622,6 +622,13 @@ impl Store {
         )
     }
 
+    /// Whether a message's enqueue record is durable and live, so that
+    /// [`Store::read_message`] can read it back (a queue pages out only such
+    /// bodies).
+    pub fn is_durable(&self, id: MessageId) -> bool {
+        self.shared.index().messages.contains_key(&id)
+    }
+
     /// Reads a durable message back from disk (blocking I/O: call it from a
     /// blocking-capable thread). The checksum is verified.
     pub fn read_message(&self, id: MessageId) -> Result<StoredMessage, Error> {
