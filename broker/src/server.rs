@@ -247,6 +247,8 @@ async fn join_cluster(broker: &Arc<Broker>, config: &Config) -> Result<(), Error
             tracing::debug!(?entry, "decided");
         }
     });
+    // Queues homed on other nodes are reached over the same port.
+    broker.attach_links(node.transport().clone());
     broker.attach_cluster(Arc::new(node));
     Ok(())
 }
