@@ -365,3 +365,37 @@ fn unknown_tag(tag: u64) -> AmqpError {
         format!("unknown delivery tag {tag}"),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn confirms_leave_in_publish_order_once_every_answer_is_in() {
+        // Goal: a publish waiting on two answers holds back later ones; a single nack answer makes it a nack.
+        let mut confirms = Confirms::default();
+        for (seq, waits) in [(1, 2), (2, 1), (3, 0)] {
+            confirms.waiting.push_back(WaitingConfirm {
+                seq,
+                waits,
+                ok: true,
+            });
+        }
+        confirms.answer(2, true);
+        assert!(confirms.take_answered().is_empty(), "1 still waits");
+        confirms.answer(1, true);
+        assert!(
+            confirms.take_answered().is_empty(),
+            "1 waits for a second answer"
+        );
+        confirms.answer(1, false);
+        let done: Vec<(u64, bool)> = confirms
+            .take_answered()
+            .iter()
+            .map(|w| (w.seq, w.ok))
+            .collect();
+        assert_eq!(done, [(1, false), (2, true), (3, true)]);
+        confirms.answer(9, true);
+        assert!(confirms.waiting.is_empty());
+    }
+}

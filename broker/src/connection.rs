@@ -1461,6 +1461,9 @@ impl Connection {
             return Ok(remote.link.clone());
         }
         let links = links.ok_or(forward::Error::NoLinks)?;
+        // Failed link channels hear nothing more; deliveries still unacked
+        // from them hold their own reference.
+        channel.remotes.retain(|r| !r.down);
         let link = links.open_channel(home, &vhost, sender, channel_id)?;
         channel.remotes.push(RemoteChannel {
             link: link.clone(),
@@ -1960,6 +1963,16 @@ impl Connection {
         })?;
         match &queue {
             QueueAt::Local(local) => self.check_exclusive(&local.def)?,
+            // A data link reaches the queues homed here, never further.
+            QueueAt::Remote(def) if self.internal => {
+                return Err(AmqpError::new(
+                    reply::RESOURCE_LOCKED,
+                    format!(
+                        "queue '{name}' in vhost '{}' is homed on '{}', not here",
+                        self.vhost, def.home_node
+                    ),
+                ));
+            }
             QueueAt::Remote(def) => self.check_exclusive(def)?,
         }
         Ok(queue)
