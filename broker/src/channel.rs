@@ -74,9 +74,20 @@ pub struct RemoteChannel {
     pub down: bool,
     /// Publishes forwarded on it (its confirm sequence).
     pub published: u64,
-    /// Forwarded publishes awaiting the home node's confirm, as
-    /// (link sequence, client sequence or 0 outside confirm mode).
-    pub unconfirmed: VecDeque<(u64, u64)>,
+    /// Forwarded publishes awaiting the home node's confirm, in order.
+    pub unconfirmed: VecDeque<Forwarded>,
+}
+
+/// A publish forwarded to a home node, awaiting its confirm.
+#[derive(Debug)]
+pub struct Forwarded {
+    /// Its sequence on the link channel.
+    pub link_seq: u64,
+    /// Its client publish sequence (0 outside confirm mode).
+    pub seq: u64,
+    /// A mandatory message whose only destination is this home node: it is
+    /// returned (`basic.return`) if the link fails before the confirm.
+    pub returnable: Option<Arc<crate::message::Message>>,
 }
 
 /// A publish whose header/body frames are still arriving.

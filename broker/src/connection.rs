@@ -46,8 +46,8 @@ use crate::auth;
 use crate::broker::QueueAt;
 use crate::broker::{Access, Broker, CompiledPermissions, ConnectionHandle};
 use crate::channel::{
-    BodyParts, Channel, ChannelConsumer, Confirms, ConsumerSource, Origin, PendingContent,
-    RemoteChannel, TxOp, Unacked, WaitingConfirm,
+    BodyParts, Channel, ChannelConsumer, Confirms, ConsumerSource, Forwarded, Origin,
+    PendingContent, RemoteChannel, TxOp, Unacked, WaitingConfirm,
 };
 use crate::cluster::forward::{self, Link, LinkChannel, LinkEvent, LinkEventKind};
 use crate::exchange::{Binding, Destination, ExchangeKind};
@@ -1331,35 +1331,17 @@ impl Connection {
         let (n_homes, unreachable) = if remote.is_empty() {
             (0, None)
         } else {
-            self.forward(channel_id, &message, &mut remote, seq)
+            let mandatory_here = mandatory && published.n_queues == 0;
+            self.forward(channel_id, &message, &mut remote, seq, mandatory_here)
         };
         self.remote_scratch = remote;
         if published.n_queues == 0 && n_homes == 0 && !published.rejected {
             if mandatory {
-                self.broker.metrics.messages_unroutable_returned_total.inc();
                 let reply_text = match &unreachable {
-                    Some(home) => {
-                        format!("NO_ROUTE - home node '{home}' of the queue is unreachable")
-                    }
+                    Some(home) => unreachable_text(home),
                     None => "NO_ROUTE".to_string(),
                 };
-                self.send_method(
-                    channel_id,
-                    AMQPClass::Basic(basic::AMQPMethod::Return(basic::Return {
-                        reply_code: reply::NO_ROUTE,
-                        reply_text: short(&reply_text).into(),
-                        exchange: message.exchange.as_str().into(),
-                        routing_key: message.routing_key.as_str().into(),
-                    })),
-                );
-                let frame_max = self.frame_max;
-                self.encoder.content(
-                    &mut self.write_buf,
-                    channel_id,
-                    &message.properties_raw,
-                    &message.body,
-                    frame_max,
-                );
+                self.send_return(channel_id, &message, &reply_text);
             } else {
                 self.broker.metrics.messages_unroutable_dropped_total.inc();
             }
@@ -1397,17 +1379,43 @@ impl Connection {
         Ok(())
     }
 
+    /// `basic.return` 312 with the message.
+    fn send_return(&mut self, channel_id: u16, message: &Message, reply_text: &str) {
+        self.broker.metrics.messages_unroutable_returned_total.inc();
+        self.send_method(
+            channel_id,
+            AMQPClass::Basic(basic::AMQPMethod::Return(basic::Return {
+                reply_code: reply::NO_ROUTE,
+                reply_text: short(reply_text).into(),
+                exchange: message.exchange.as_str().into(),
+                routing_key: message.routing_key.as_str().into(),
+            })),
+        );
+        let frame_max = self.frame_max;
+        self.encoder.content(
+            &mut self.write_buf,
+            channel_id,
+            &message.properties_raw,
+            &message.body,
+            frame_max,
+        );
+    }
+
     /// Forwards a publish to the home nodes of its remote targets (sorted
     /// here by home node). Returns how many home nodes it was sent to, and
-    /// a home node that could not be reached, if any.
+    /// a home node that could not be reached, if any. `mandatory_here`: the
+    /// message is mandatory and no local queue took it.
     fn forward(
         &mut self,
         channel_id: u16,
-        message: &Message,
+        message: &Arc<Message>,
         remote: &mut [(String, String)],
         seq: u64,
+        mandatory_here: bool,
     ) -> (u32, Option<String>) {
         remote.sort_unstable();
+        let single_home = remote.iter().all(|(home, _)| *home == remote[0].0);
+        let returnable = (mandatory_here && single_home).then(|| message.clone());
         let mut n_homes = 0;
         let mut unreachable = None;
         let mut start = 0;
@@ -1430,12 +1438,21 @@ impl Connection {
                         .and_then(|c| c.remote_of(&link))
                     {
                         remote.published += 1;
-                        remote.unconfirmed.push_back((remote.published, seq));
+                        remote.unconfirmed.push_back(Forwarded {
+                            link_seq: remote.published,
+                            seq,
+                            returnable: returnable.clone(),
+                        });
                     }
                     n_homes += 1;
                 }
                 Err(err) => {
                     tracing::debug!(connection = %self.name, %err, "publish not forwarded");
+                    self.broker
+                        .metrics
+                        .cluster_forward_failed_total
+                        .with_label_values(&[home])
+                        .inc();
                     unreachable = Some(home.to_string());
                 }
             }
@@ -2634,7 +2651,7 @@ impl Connection {
             return;
         };
         let mut answered = Vec::new();
-        while let Some(&(link_seq, seq)) = remote.unconfirmed.front() {
+        while let Some(&Forwarded { link_seq, seq, .. }) = remote.unconfirmed.front() {
             if link_seq > tag {
                 break;
             }
@@ -2671,21 +2688,29 @@ impl Connection {
             return;
         };
         remote.down = true;
-        let unconfirmed: Vec<(u64, u64)> = remote.unconfirmed.drain(..).collect();
+        let unconfirmed: Vec<Forwarded> = remote.unconfirmed.drain(..).collect();
         link.link().release(unconfirmed.len());
         if let Some(confirms) = channel.confirms.as_mut() {
-            for (_, seq) in unconfirmed {
-                if seq != 0 {
-                    confirms.answer(seq, false);
+            for forwarded in &unconfirmed {
+                if forwarded.seq != 0 {
+                    confirms.answer(forwarded.seq, false);
                 }
             }
         }
+
         let cancelled: Vec<Arc<str>> = channel
             .consumers
             .iter()
             .filter(|(_, c)| matches!(&c.source, ConsumerSource::Remote(l) if Arc::ptr_eq(l, link)))
             .map(|(tag, _)| tag.clone())
             .collect();
+        // Returns go out before the nacks of the same publishes.
+        let text = unreachable_text(link.peer());
+        for forwarded in unconfirmed {
+            if let Some(message) = forwarded.returnable {
+                self.send_return(channel_id, &message, &text);
+            }
+        }
         self.drain_confirms(channel_id);
         for tag in cancelled {
             self.cancel_remote_consumer(channel_id, &tag);
@@ -2989,6 +3014,11 @@ fn settle_remote(remote: RemoteTags, multiple: bool, settle: Settle) {
             link.send(&AMQPClass::Basic(method));
         }
     }
+}
+
+/// The `basic.return` text for a message whose queue's home is unreachable.
+fn unreachable_text(home: &str) -> String {
+    format!("NO_ROUTE - home node '{home}' of the queue is unreachable")
 }
 
 /// The channel error for a queue whose home node cannot be reached.

@@ -85,6 +85,8 @@ pub struct Metrics {
     pub cluster_forward_in_flight: IntGaugeVec,
     /// Deliveries relayed from a home node to a consumer here, by `peer`.
     pub cluster_remote_deliveries_total: IntCounterVec,
+    /// Publishes that could not be forwarded (home node unreachable), by `peer`.
+    pub cluster_forward_failed_total: IntCounterVec,
 }
 
 impl Metrics {
@@ -258,6 +260,11 @@ impl Metrics {
             cluster_remote_deliveries_total: counter_vec(
                 "synod_cluster_remote_deliveries_total",
                 "Deliveries relayed from a queue's home node to a consumer on this node",
+                &["peer"],
+            ),
+            cluster_forward_failed_total: counter_vec(
+                "synod_cluster_forward_failed_total",
+                "Publishes not forwarded because their queue's home node was unreachable",
                 &["peer"],
             ),
             registry,

@@ -431,17 +431,18 @@ async fn prefetch_bounds_remote_deliveries_and_cancel_requeues() {
     within(ch.basic_cancel("one-at-a-time".into(), BasicCancelOptions::default()))
         .await
         .expect("cancel");
-    assert_eq!(
-        cluster
-            .node("a")
-            .running()
-            .broker
-            .queue("/", "slow")
-            .expect("queue")
-            .counts()
-            .consumers,
-        0
-    );
+    // The cancel reaches the home node asynchronously.
+    let deadline = Instant::now() + WAIT;
+    let home_queue = cluster
+        .node("a")
+        .running()
+        .broker
+        .queue("/", "slow")
+        .expect("queue");
+    while home_queue.counts().consumers != 0 {
+        assert!(Instant::now() < deadline, "the home node kept the consumer");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     within(ch.close(200, "bye".into())).await.expect("close");
     wait_counts(cluster.node("a"), "slow", 3, 0).await;
     cluster.shutdown().await;
@@ -489,6 +490,31 @@ async fn losing_the_home_node_cancels_consumers_and_nacks_until_it_returns() {
         !publish_confirmed(&pub_channel, "durable-q", b"lost", true).await,
         "a publish to an unreachable home is nacked"
     );
+    let returned = within(pub_channel.basic_publish(
+        "".into(),
+        "durable-q".into(),
+        BasicPublishOptions {
+            mandatory: true,
+            ..Default::default()
+        },
+        b"returned",
+        BasicProperties::default(),
+    ))
+    .await
+    .expect("publish")
+    .await
+    .expect("confirmation");
+    assert!(returned.is_nack(), "{returned:?}");
+    let message = returned
+        .take_message()
+        .expect("a mandatory message comes back");
+    assert_eq!(message.reply_code, 312);
+    assert!(
+        message.reply_text.as_str().contains("'a'"),
+        "{}",
+        message.reply_text
+    );
+    assert_eq!(message.delivery.data, b"returned");
     let err = within(ch.basic_get("durable-q".into(), BasicGetOptions::default()))
         .await
         .expect_err("get with the home down fails");

@@ -29,6 +29,28 @@
 //! Flow control: at most `LINK_PUBLISHES_IN_FLIGHT_MAX` forwarded publishes
 //! per link await their home-node confirm; a connection whose publish finds
 //! the link full stops reading its socket until there is room.
+//!
+//! What a client sees through a data link, and where that differs from a
+//! queue homed on its own node:
+//! - publisher confirms wait for every home node the message went to (and
+//!   the local store); an unreachable home node makes the confirm a
+//!   `basic.nack`, and a mandatory message that reached no queue at all a
+//!   `basic.return` 312 naming the home node. Outside confirm mode a
+//!   publish lost with a failing link is only counted
+//!   (`synod_cluster_forward_failed_total`);
+//! - a consumer's prefetch is enforced by the home node; a no-ack consumer
+//!   or one without a limit gets `LINK_NO_ACK_PREFETCH` there (no-ack
+//!   deliveries are acknowledged to the home node as they are written);
+//!   a channel-wide (`global`) prefetch applies to local queues only;
+//! - when the link fails, consumers get `basic.cancel`, pending requests
+//!   and later ones fail with 405 RESOURCE_LOCKED, and the home node
+//!   requeues what was unacked; settling those deliveries later is a no-op;
+//! - not forwarded: dead letters routed to a queue homed elsewhere (dropped
+//!   there, as unroutable), `queue.delete`'s if-unused/if-empty checks on a
+//!   remote queue (the deletion is a metadata change), and the management
+//!   API's queue counts (each node lists the queues homed on it).
+//! - a link has no heartbeat: a home node that vanishes without closing
+//!   its sockets is noticed only when TCP gives up.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
