@@ -636,3 +636,58 @@ async fn measure(publish_on: &Node, consume_on: &Node, queue: &'static str, n: u
     let _ = consumer_conn.close(200, "done".into()).await;
     rate
 }
+
+#[tokio::test]
+async fn targeted_publishes_and_data_links_need_the_cluster() {
+    // Goal: a client cannot send a targeted publish (540, nothing enqueued), and a data link with a wrong secret is refused.
+    let cluster = Cluster::start("refuse").await;
+    cluster.declare_queue("guarded", "a", false);
+    let conn = cluster.node("a").connect().await;
+    let ch = within(conn.create_channel()).await.expect("channel");
+    let mut body = vec![0u8, 1, 7];
+    body.extend_from_slice(b"guarded");
+    body.extend_from_slice(b"sneaky");
+    let _ = within(ch.basic_publish(
+        "".into(),
+        "guarded".into(),
+        BasicPublishOptions {
+            immediate: true,
+            ..Default::default()
+        },
+        &body,
+        BasicProperties::default(),
+    ))
+    .await;
+    let deadline = Instant::now() + WAIT;
+    while conn.status().connected() {
+        assert!(Instant::now() < deadline, "the connection stayed open");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let counts = cluster
+        .node("a")
+        .running()
+        .broker
+        .queue("/", "guarded")
+        .expect("queue")
+        .counts();
+    assert_eq!(counts.ready, 0);
+    let (_stop, shutdown) = tokio::sync::watch::channel(false);
+    let home = cluster.node("a").config.cluster_listen.to_string();
+    let intruder = synod_broker::cluster::transport::Transport::new(
+        synod_broker::paxos::NodeId::new("b", 1),
+        String::new(),
+        b"not the secret".to_vec(),
+        [("a".to_string(), home)].into_iter().collect(),
+        shutdown,
+    );
+    let refused = within(intruder.dial_data_link("a", "/")).await;
+    assert!(
+        matches!(
+            refused,
+            Err(synod_broker::cluster::transport::Error::Authentication)
+        ),
+        "{:?}",
+        refused.map(|_| ())
+    );
+    cluster.shutdown().await;
+}
