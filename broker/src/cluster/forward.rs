@@ -747,6 +747,67 @@ async fn run_link(links: Arc<Links>, link: Arc<Link>, mut frames: mpsc::Unbounde
 mod tests {
     use super::*;
 
+    fn detached_link() -> (Arc<Link>, mpsc::UnboundedReceiver<Bytes>) {
+        let (frames, receiver) = mpsc::unbounded_channel();
+        let metrics = Metrics::new();
+        let link = Arc::new(Link {
+            peer: "home".into(),
+            vhost: "/".into(),
+            frames,
+            table: Mutex::new(Table {
+                down: false,
+                next_id: 1,
+                channels: HashMap::new(),
+            }),
+            in_flight: AtomicUsize::new(0),
+            room: Notify::new(),
+            forwarded: metrics
+                .cluster_forwarded_messages_total
+                .with_label_values(&["home"]),
+            in_flight_gauge: metrics
+                .cluster_forward_in_flight
+                .with_label_values(&["home"]),
+        });
+        (link, receiver)
+    }
+
+    #[tokio::test]
+    async fn a_full_link_reports_it_and_wakes_waiters_when_confirms_free_room() {
+        // Goal: the in-flight bound is reached exactly at LINK_PUBLISHES_IN_FLIGHT_MAX, and a release wakes the waiting publisher.
+        let (link, mut frames) = detached_link();
+        let (owner, _events) = mpsc::unbounded_channel();
+        let channel = link.open_channel(owner, 1).expect("a channel");
+        let message = Message {
+            exchange: String::new(),
+            routing_key: "q".into(),
+            properties: Default::default(),
+            properties_raw: Bytes::from_static(&[0, 0]),
+            body: Bytes::from_static(b"x"),
+        };
+        for _ in 0..LINK_PUBLISHES_IN_FLIGHT_MAX - 1 {
+            assert!(channel.publish(&message, &["q"]));
+        }
+        assert!(!channel.publish(&message, &["q"]), "the last one fills it");
+        assert!(!link.has_room());
+        let waiter = tokio::spawn({
+            let link = link.clone();
+            async move { link.wait_for_room().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        link.release(1);
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("woken in time")
+            .expect("waiter");
+        // channel.open + confirm.select, then one frame batch per publish.
+        let mut n_frames = 0;
+        while frames.try_recv().is_ok() {
+            n_frames += 1;
+        }
+        assert_eq!(n_frames, 1 + LINK_PUBLISHES_IN_FLIGHT_MAX);
+    }
+
     #[test]
     fn target_prefix_round_trips_and_rejects_truncation() {
         // Goal: the targeted-publish prefix decodes to the same names and body; a cut prefix is refused.
