@@ -98,7 +98,7 @@ pub enum Access {
 }
 
 impl CompiledPermissions {
-    fn compile(p: &Permissions) -> Option<CompiledPermissions> {
+    pub(crate) fn compile(p: &Permissions) -> Option<CompiledPermissions> {
         // As in RabbitMQ the patterns are not anchored: users write `^...$`.
         let compile = |r: &str| regex::Regex::new(r).ok();
         Some(CompiledPermissions {
@@ -231,6 +231,17 @@ pub struct Broker {
     cluster: OnceLock<Arc<crate::cluster::ClusterNode>>,
     /// Metadata changes go through the cluster's log once this is set.
     replication: OnceLock<Arc<Replication>>,
+    /// Data links to the home nodes of queues homed elsewhere.
+    links: OnceLock<Arc<crate::cluster::forward::Links>>,
+}
+
+/// Where a queue lives, as this node sees it.
+#[derive(Debug, Clone)]
+pub enum QueueAt {
+    /// Homed here: the runtime queue.
+    Local(Arc<Queue>),
+    /// Homed on `def.home_node`: reached through a data link.
+    Remote(QueueDef),
 }
 
 /// The metadata every node starts from: vhost `/` and user `guest`/`guest`
@@ -292,6 +303,7 @@ impl Broker {
             durable: OnceLock::new(),
             cluster: OnceLock::new(),
             replication: OnceLock::new(),
+            links: OnceLock::new(),
         };
         for command in bootstrap_commands(&broker.settings) {
             broker
@@ -511,6 +523,36 @@ impl Broker {
         }
     }
 
+    /// Serves queues homed on other nodes through `links` from now on, and
+    /// accepts the data links other nodes open to this one (as internal
+    /// connections, see `connection::serve_internal`).
+    pub fn attach_links(self: &Arc<Self>, transport: crate::cluster::transport::Transport) {
+        let links = crate::cluster::forward::Links::new(transport.clone(), self.metrics.clone());
+        if self.links.set(links).is_err() {
+            return;
+        }
+        let broker = Arc::downgrade(self);
+        let shutdown = transport.shutdown_signal();
+        transport.set_data_link_handler(Arc::new(move |peer, vhost, socket| {
+            let Some(broker) = broker.upgrade() else {
+                return;
+            };
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                if let Err(err) =
+                    crate::connection::serve_internal(broker, socket, &peer, vhost, shutdown).await
+                {
+                    tracing::debug!(%peer, %err, "data link from peer ended");
+                }
+            });
+        }));
+    }
+
+    /// The data links, once attached.
+    pub fn links(&self) -> Option<&Arc<crate::cluster::forward::Links>> {
+        self.links.get()
+    }
+
     /// The cluster member, when the broker runs with `--peers`.
     pub fn cluster(&self) -> Option<&Arc<crate::cluster::ClusterNode>> {
         self.cluster.get()
@@ -579,6 +621,16 @@ impl Broker {
         self.read().queues.get(vhost)?.get(name).cloned()
     }
 
+    /// Where queue `vhost`/`name` lives: here, or on its home node.
+    pub fn locate_queue(&self, vhost: &str, name: &str) -> Option<QueueAt> {
+        let state = self.read();
+        if let Some(queue) = state.queues.get(vhost).and_then(|qs| qs.get(name)) {
+            return Some(QueueAt::Local(queue.clone()));
+        }
+        let def = state.meta.vhosts.get(vhost)?.queues.get(name)?;
+        (def.home_node != self.settings.node_name).then(|| QueueAt::Remote(def.clone()))
+    }
+
     /// An exchange's definition.
     pub fn exchange(&self, vhost: &str, name: &str) -> Option<ExchangeDef> {
         Some(
@@ -639,10 +691,26 @@ impl Broker {
         targets: &mut Vec<Arc<Queue>>,
         tickets: &mut Vec<crate::store::Ticket>,
     ) -> Result<Published, AmqpError> {
+        self.publish_routed(vhost, message, targets, &mut Vec::new(), tickets)
+    }
+
+    /// [`Broker::publish_with`] that also lists, in `remote`, the matching
+    /// queues homed on other nodes as (home node, queue name), for the
+    /// caller to forward; they are not counted in [`Published`].
+    pub fn publish_routed(
+        &self,
+        vhost: &str,
+        message: Arc<Message>,
+        targets: &mut Vec<Arc<Queue>>,
+        remote: &mut Vec<(String, String)>,
+        tickets: &mut Vec<crate::store::Ticket>,
+    ) -> Result<Published, AmqpError> {
         targets.clear();
+        remote.clear();
         {
             let state = self.read();
             let queues = state.queues.get(vhost);
+            let defs = state.meta.vhosts.get(vhost).map(|v| &v.queues);
             let found = state.meta.route(
                 vhost,
                 &message.exchange,
@@ -651,6 +719,10 @@ impl Broker {
                 &mut |name| {
                     if let Some(queue) = queues.and_then(|qs| qs.get(name)) {
                         targets.push(queue.clone());
+                    } else if let Some(def) = defs.and_then(|d| d.get(name))
+                        && def.home_node != self.settings.node_name
+                    {
+                        remote.push((def.home_node.clone(), name.to_string()));
                     }
                 },
             );
@@ -677,6 +749,42 @@ impl Broker {
             self.dead_letter(dead);
         }
         Ok(published)
+    }
+
+    /// Enqueues a message forwarded by another node on exactly the named
+    /// local queues, without routing (the entry node routed it). Names of
+    /// queues not (or no longer) here are skipped.
+    pub fn publish_to_queues(
+        &self,
+        vhost: &str,
+        message: Arc<Message>,
+        names: &[String],
+        tickets: &mut Vec<crate::store::Ticket>,
+    ) -> Published {
+        let targets: Vec<Arc<Queue>> = {
+            let state = self.read();
+            let queues = state.queues.get(vhost);
+            names
+                .iter()
+                .filter_map(|name| queues.and_then(|qs| qs.get(name)).cloned())
+                .collect()
+        };
+        let now = Instant::now();
+        let mut dead = Vec::new();
+        let mut published = Published {
+            n_queues: 0,
+            rejected: false,
+        };
+        for queue in targets {
+            match queue.publish_durable(message.clone(), now, &mut dead, tickets) {
+                Enqueued::Accepted => published.n_queues += 1,
+                Enqueued::Rejected => published.rejected = true,
+            }
+        }
+        if !dead.is_empty() {
+            self.dead_letter(dead);
+        }
+        published
     }
 
     /// Republishes dead letters to their exchanges (and any dead letters

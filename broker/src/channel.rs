@@ -10,19 +10,49 @@ use amq_protocol::protocol::basic::AMQPProperties;
 use bytes::{Bytes, BytesMut};
 
 use crate::broker::ChannelInfo;
+use crate::cluster::forward::LinkChannel;
 use crate::message::NameCache;
 use crate::protocol::{AmqpError, reply};
 use crate::queue::{Credit, Entry, Queue};
+
+/// Where a consumer's messages come from.
+#[derive(Debug, Clone)]
+pub enum ConsumerSource {
+    /// A queue homed on this node.
+    Local(Arc<Queue>),
+    /// A queue homed elsewhere, consumed through this link channel (the
+    /// home node enforces the prefetch).
+    Remote(Arc<LinkChannel>),
+}
 
 /// A consumer as its channel sees it.
 #[derive(Debug)]
 pub struct ChannelConsumer {
     /// The queue consumed from.
-    pub queue: Arc<Queue>,
+    pub source: ConsumerSource,
     /// No acks expected.
     pub no_ack: bool,
     /// Its prefetch credit.
     pub credit: Arc<Credit>,
+}
+
+/// Where an unacked delivery came from, and so how to settle it.
+#[derive(Debug)]
+pub enum Origin {
+    /// A local queue holds the message as unacked.
+    Local {
+        /// Queue it came from.
+        queue: Arc<Queue>,
+        /// The message.
+        entry: Entry,
+    },
+    /// The home node holds it as unacked on a link channel.
+    Remote {
+        /// The link channel it arrived on.
+        link: Arc<LinkChannel>,
+        /// Its delivery tag on that link channel.
+        tag: u64,
+    },
 }
 
 /// A delivery awaiting ack.
@@ -30,12 +60,35 @@ pub struct ChannelConsumer {
 pub struct Unacked {
     /// Delivery tag on this channel.
     pub tag: u64,
-    /// Queue it came from.
-    pub queue: Arc<Queue>,
-    /// The message.
-    pub entry: Entry,
-    /// Consumer credit to return (None for `basic.get`).
+    /// Where it came from.
+    pub origin: Origin,
+    /// Consumer credit to return (None for `basic.get` and remote deliveries).
     pub credit: Option<Arc<Credit>>,
+}
+
+/// This channel's use of one home node's data link.
+#[derive(Debug)]
+pub struct RemoteChannel {
+    /// The link channel.
+    pub link: Arc<LinkChannel>,
+    /// The link failed or the home node closed the channel.
+    pub down: bool,
+    /// Publishes forwarded on it (its confirm sequence).
+    pub published: u64,
+    /// Forwarded publishes awaiting the home node's confirm, in order.
+    pub unconfirmed: VecDeque<Forwarded>,
+}
+
+/// A publish forwarded to a home node, awaiting its confirm.
+#[derive(Debug)]
+pub struct Forwarded {
+    /// Its sequence on the link channel.
+    pub link_seq: u64,
+    /// Its client publish sequence (0 outside confirm mode).
+    pub seq: u64,
+    /// A mandatory message whose only destination is this home node: it is
+    /// returned (`basic.return`) if the link fails before the confirm.
+    pub returnable: Option<Arc<crate::message::Message>>,
 }
 
 /// A publish whose header/body frames are still arriving.
@@ -145,9 +198,40 @@ pub struct Confirms {
     pub acked_through: u64,
     /// Highest sequence sent to the client (ack or nack).
     pub sent_through: u64,
-    /// Publishes handed to the durable confirm waiter and not yet reported;
+    /// Publishes waiting for the durable store or a home node, in order;
     /// while any are, later confirms queue behind them to stay in order.
-    pub durable_outstanding: u64,
+    pub waiting: VecDeque<WaitingConfirm>,
+}
+
+/// A publish whose confirm waits for the store or home nodes.
+#[derive(Debug, Clone, Copy)]
+pub struct WaitingConfirm {
+    /// Publish sequence number.
+    pub seq: u64,
+    /// Answers still awaited (the durable waiter, each home node).
+    pub waits: u32,
+    /// Every answer so far was positive.
+    pub ok: bool,
+}
+
+impl Confirms {
+    /// Records one answer for publish `seq`.
+    pub fn answer(&mut self, seq: u64, ok: bool) {
+        if let Ok(index) = self.waiting.binary_search_by_key(&seq, |w| w.seq) {
+            let waiting = &mut self.waiting[index];
+            waiting.waits = waiting.waits.saturating_sub(1);
+            waiting.ok &= ok;
+        }
+    }
+
+    /// Takes the publishes at the head whose answers are all in.
+    pub fn take_answered(&mut self) -> Vec<WaitingConfirm> {
+        let mut done = Vec::new();
+        while self.waiting.front().is_some_and(|w| w.waits == 0) {
+            done.extend(self.waiting.pop_front());
+        }
+        done
+    }
 }
 
 /// One open channel.
@@ -177,6 +261,8 @@ pub struct Channel {
     pub info: Arc<ChannelInfo>,
     /// Exchange names and routing keys shared between this channel's publishes.
     pub names: NameCache,
+    /// Link channels to the home nodes of remote queues this channel used.
+    pub remotes: Vec<RemoteChannel>,
 }
 
 impl Channel {
@@ -198,16 +284,28 @@ impl Channel {
                 ..ChannelInfo::default()
             }),
             names: NameCache::default(),
+            remotes: Vec::new(),
         }
     }
 
+    /// This channel's link channel to `peer`, if open and up.
+    pub fn remote(&mut self, peer: &str) -> Option<&mut RemoteChannel> {
+        self.remotes
+            .iter_mut()
+            .find(|r| !r.down && r.link.peer() == peer)
+    }
+
+    /// The entry of link channel `link`.
+    pub fn remote_of(&mut self, link: &Arc<LinkChannel>) -> Option<&mut RemoteChannel> {
+        self.remotes.iter_mut().find(|r| Arc::ptr_eq(&r.link, link))
+    }
+
     /// Records a delivery needing an ack; returns its tag.
-    pub fn track(&mut self, queue: Arc<Queue>, entry: Entry, credit: Option<Arc<Credit>>) -> u64 {
+    pub fn track(&mut self, origin: Origin, credit: Option<Arc<Credit>>) -> u64 {
         self.delivery_tag += 1;
         self.unacked.push_back(Unacked {
             tag: self.delivery_tag,
-            queue,
-            entry,
+            origin,
             credit,
         });
         self.info
@@ -262,12 +360,14 @@ impl Channel {
         all
     }
 
-    /// Queues this channel consumes from (to re-dispatch after acks).
+    /// Local queues this channel consumes from (to re-dispatch after acks).
     pub fn consumed_queues(&self) -> Vec<Arc<Queue>> {
         let mut queues: Vec<Arc<Queue>> = Vec::new();
         for consumer in self.consumers.values() {
-            if !queues.iter().any(|q| Arc::ptr_eq(q, &consumer.queue)) {
-                queues.push(consumer.queue.clone());
+            if let ConsumerSource::Local(queue) = &consumer.source
+                && !queues.iter().any(|q| Arc::ptr_eq(q, queue))
+            {
+                queues.push(queue.clone());
             }
         }
         queues
@@ -279,4 +379,38 @@ fn unknown_tag(tag: u64) -> AmqpError {
         reply::PRECONDITION_FAILED,
         format!("unknown delivery tag {tag}"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn confirms_leave_in_publish_order_once_every_answer_is_in() {
+        // Goal: a publish waiting on two answers holds back later ones; a single nack answer makes it a nack.
+        let mut confirms = Confirms::default();
+        for (seq, waits) in [(1, 2), (2, 1), (3, 0)] {
+            confirms.waiting.push_back(WaitingConfirm {
+                seq,
+                waits,
+                ok: true,
+            });
+        }
+        confirms.answer(2, true);
+        assert!(confirms.take_answered().is_empty(), "1 still waits");
+        confirms.answer(1, true);
+        assert!(
+            confirms.take_answered().is_empty(),
+            "1 waits for a second answer"
+        );
+        confirms.answer(1, false);
+        let done: Vec<(u64, bool)> = confirms
+            .take_answered()
+            .iter()
+            .map(|w| (w.seq, w.ok))
+            .collect();
+        assert_eq!(done, [(1, false), (2, true), (3, true)]);
+        confirms.answer(9, true);
+        assert!(confirms.waiting.is_empty());
+    }
 }

@@ -5,6 +5,26 @@
 //!
 //! Writes are batched: frames are appended to one buffer and flushed once
 //! per batch of input (a read, or a burst of deliveries).
+//!
+//! # Queues homed on other nodes
+//!
+//! A client connection reaches a queue whose `home_node` is another node
+//! through a data link (`cluster::forward`): publishes are forwarded with
+//! their target queues, and consume, get, ack/nack/reject, cancel, passive
+//! declare and purge are relayed on a link channel owned by the client
+//! channel. While a relayed request that answers synchronously (consume,
+//! get, declare, purge) awaits the home node's answer, the connection
+//! stops reading, so replies keep the order of requests. When the home node
+//! cannot be reached (no link, dial refused, link lost), those requests
+//! fail with a channel error `405 RESOURCE_LOCKED` ("home node ... is
+//! unreachable"): the queue exists, so 404 would be wrong, and a hard
+//! error such as 541 would close the client's unrelated channels too.
+//!
+//! The home node serves data links with this same handler
+//! ([`serve_internal`]): an internal connection, already authenticated by
+//! the cluster handshake, with full permissions in its vhost; only it may
+//! send *targeted* publishes (`immediate = true`, body prefixed with the
+//! target queues), which it enqueues on exactly those queues.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -22,16 +42,19 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 
 use crate::auth;
+use crate::broker::QueueAt;
 use crate::broker::{Access, Broker, CompiledPermissions, ConnectionHandle};
 use crate::channel::{
-    BodyParts, Channel, ChannelConsumer, Confirms, PendingContent, TxOp, Unacked,
+    BodyParts, Channel, ChannelConsumer, Confirms, ConsumerSource, Forwarded, Origin,
+    PendingContent, RemoteChannel, TxOp, Unacked, WaitingConfirm,
 };
+use crate::cluster::forward::{self, Link, LinkChannel, LinkEvent, LinkEventKind};
 use crate::exchange::{Binding, Destination, ExchangeKind};
 use crate::limits;
 use crate::message::Message;
 use crate::meta::{Command, ExchangeDef, MetaError, Outcome, QueueDef};
 use crate::protocol::{self, AmqpError, Encoder, Frame, reply};
-use crate::queue::{Backlog, Consumer, Credit, Delivery, Queue};
+use crate::queue::{Backlog, Consumer, Credit, Delivery, Entry, Queue};
 use crate::replication::Decision;
 
 /// What other tasks send to a connection.
@@ -55,6 +78,9 @@ pub enum Outbound {
         /// Ack (true) or nack (false).
         ok: bool,
     },
+    /// A data link reports a reply, delivery or failure for one of this
+    /// connection's link channels.
+    Link(LinkEvent),
     /// Close the connection (management API, shutdown).
     Close {
         /// Reply code.
@@ -146,6 +172,11 @@ where
         confirm_waiter: None,
         deferred: None,
         current_method: (0, 0),
+        internal: false,
+        remote_scratch: Vec::new(),
+        remote_wait: None,
+        link_full: None,
+        resume_input: false,
     };
     let handshake = tokio::time::timeout_at(handshake_deadline, connection.handshake()).await;
     match handshake {
@@ -159,6 +190,96 @@ where
     connection.cleanup();
     broker.metrics.connections.dec();
     result
+}
+
+/// Serves an inbound data link from `peer_node` as an internal connection
+/// on `vhost`: no AMQP handshake (the cluster handshake authenticated the
+/// peer), full permissions, targeted publishes allowed. Ends when the link
+/// closes or `shutdown` fires.
+pub async fn serve_internal(
+    broker: Arc<Broker>,
+    socket: tokio::net::TcpStream,
+    peer_node: &str,
+    vhost: String,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), Error> {
+    let _ = socket.set_nodelay(true);
+    let peer = socket.peer_addr()?;
+    if !broker.has_vhost(&vhost) {
+        return Ok(());
+    }
+    let everything = crate::meta::Permissions {
+        configure: ".*".into(),
+        write: ".*".into(),
+        read: ".*".into(),
+    };
+    let (sender, receiver) = mpsc::unbounded_channel();
+    let mut connection = Connection {
+        id: broker.next_connection_id(),
+        broker: broker.clone(),
+        socket,
+        peer,
+        certificate_name: None,
+        name: format!("data link from {peer_node} ({peer})"),
+        read_buf: BytesMut::with_capacity(limits::CONNECTION_BUFFER_SIZE_MIN),
+        read_size: limits::CONNECTION_BUFFER_SIZE_MIN,
+        write_buf: BytesMut::with_capacity(limits::CONNECTION_BUFFER_SIZE_MIN),
+        encoder: Encoder::default(),
+        frame_max: limits::FRAME_SIZE_MAX,
+        channel_max: u16::MAX,
+        heartbeat_s: 0,
+        vhost,
+        user: format!("cluster:{peer_node}"),
+        permissions: CompiledPermissions::compile(&everything).map(Arc::new),
+        channels: HashMap::new(),
+        sender,
+        backlog: Arc::new(Backlog::default()),
+        route_scratch: Vec::new(),
+        exclusive_queues: Vec::new(),
+        client_blocked_capable: false,
+        has_published: false,
+        blocked: false,
+        handle: None,
+        closing: false,
+        last_read: Instant::now(),
+        last_write: Instant::now(),
+        confirm_waiter: None,
+        deferred: None,
+        current_method: (0, 0),
+        internal: true,
+        remote_scratch: Vec::new(),
+        remote_wait: None,
+        link_full: None,
+        resume_input: false,
+    };
+    let result = connection.run(receiver, &mut shutdown).await;
+    connection.cleanup();
+    result
+}
+
+/// A relayed request whose answer the connection waits for before it
+/// reads further client frames.
+struct RemoteWait {
+    link: Arc<LinkChannel>,
+    channel_id: u16,
+    kind: WaitKind,
+}
+
+enum WaitKind {
+    Consume {
+        tag: Arc<str>,
+        no_ack: bool,
+        nowait: bool,
+    },
+    Get {
+        no_ack: bool,
+    },
+    Declare {
+        name: String,
+    },
+    Purge {
+        nowait: bool,
+    },
 }
 
 struct Connection<S> {
@@ -204,6 +325,17 @@ struct Connection<S> {
     /// Class and method ids of the method being handled (for the errors of
     /// its deferred continuation).
     current_method: (u16, u16),
+    /// A data link from another node (see [`serve_internal`]).
+    internal: bool,
+    /// Reused for each publish's list of (home node, queue) remote targets.
+    remote_scratch: Vec<(String, String)>,
+    /// A relayed request awaiting its answer; input is paused meanwhile.
+    remote_wait: Option<RemoteWait>,
+    /// A data link this connection's publishes filled; input is paused
+    /// until it has room.
+    link_full: Option<Arc<Link>>,
+    /// Input was paused and may go on: handle the frames already buffered.
+    resume_input: bool,
 }
 
 /// What to do with a metadata change's outcome once it is decided.
@@ -527,8 +659,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         }
         self.flush().await?;
         loop {
-            let read_paused =
-                (self.blocked && self.has_published && !self.closing) || self.deferred.is_some();
+            let read_paused = self.input_paused() && !self.closing;
+            let link_full = self.link_full.clone();
             // Large bodies stay zero-copy slices that keep their block
             // alive; reserve then takes a fresh block rather than letting
             // reads shrink to the little room left behind them.
@@ -607,6 +739,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                     let _ = changed;
                     self.begin_close(reply::CONNECTION_FORCED, "CONNECTION_FORCED - broker shutdown", 0, 0);
                 }
+                _ = async { if let Some(link) = &link_full { link.wait_for_room().await } }, if link_full.is_some() => {
+                    self.link_full = None;
+                    self.resume_input = true;
+                }
+            }
+            if std::mem::take(&mut self.resume_input)
+                && !self.input_paused()
+                && let Flow::Stop = self.process_input()
+            {
+                self.flush().await?;
+                return Ok(());
             }
             if self.backlog.throttled.swap(false, Ordering::SeqCst) {
                 let ids: Vec<u16> = self.channels.keys().copied().collect();
@@ -698,12 +841,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                     self.begin_close(err.code, &err.text, err.class_id, err.method_id);
                 }
             }
-            if self.blocked && self.has_published {
+            if self.input_paused() {
                 break;
             }
         }
         self.flush_confirms();
         Flow::Continue
+    }
+
+    /// Whether client frames must wait: a resource alarm blocks publishers,
+    /// a relayed request awaits its answer, or a data link is full.
+    fn input_paused(&self) -> bool {
+        (self.blocked && self.has_published)
+            || self.remote_wait.is_some()
+            || self.link_full.is_some()
+            || self.deferred.is_some()
     }
 
     fn begin_close(&mut self, code: u16, text: &str, class_id: u16, method_id: u16) {
@@ -1009,17 +1161,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         channel.info.consumers.store(0, Ordering::Relaxed);
         let unacked = channel.take_all_unacked();
         channel.tx = None;
+        // Closing a link channel cancels its consumers and requeues its
+        // unacked deliveries on the home node; its confirms will not come.
+        for remote in channel.remotes.drain(..) {
+            remote.link.close();
+            remote.link.link().release(remote.unconfirmed.len());
+        }
+        if self
+            .remote_wait
+            .as_ref()
+            .is_some_and(|w| w.channel_id == channel_id)
+        {
+            self.remote_wait = None;
+            self.resume_input = true;
+        }
         let now = Instant::now();
         let mut auto_delete = Vec::new();
         for (tag, consumer) in consumers {
-            if consumer
-                .queue
-                .remove_consumer(self.id, channel_id, &tag, now)
+            if let ConsumerSource::Local(queue) = &consumer.source
+                && queue.remove_consumer(self.id, channel_id, &tag, now)
             {
-                auto_delete.push(consumer.queue.clone());
+                auto_delete.push(queue.clone());
             }
         }
-        self.requeue(unacked);
+        let local: Vec<Unacked> = unacked
+            .into_iter()
+            .filter(|u| matches!(u.origin, Origin::Local { .. }))
+            .collect();
+        self.requeue(local);
         for queue in auto_delete {
             self.broker.submit_detached(Command::DeleteQueue {
                 vhost: queue.vhost.clone(),
@@ -1038,14 +1207,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
     fn requeue(&self, unacked: Vec<Unacked>) {
         let now = Instant::now();
         let mut dead = Vec::new();
-        for (queue, entries) in group_by_queue(unacked) {
-            queue.requeue(
-                entries.into_iter().map(|u| u.entry).collect(),
-                now,
-                &mut dead,
-            );
+        let (local, remote) = split_origins(unacked);
+        for (queue, entries) in group_by_queue(local) {
+            queue.requeue(entries, now, &mut dead);
         }
         self.broker.dead_letter(dead);
+        settle_remote(remote, true, Settle::Requeue);
     }
 
     fn cleanup(&mut self) {
@@ -1094,6 +1261,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
             Outbound::Close { code, text } => {
                 self.begin_close(code, &text, 0, 0);
             }
+            Outbound::Link(event) => self.link_event(event),
             Outbound::Confirmed { channel, seq, ok } => self.durable_confirmed(&channel, seq, ok),
         }
     }
@@ -1134,7 +1302,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
             channel.delivery_tag += 1;
             channel.delivery_tag
         } else {
-            channel.track(queue, entry, Some(credit))
+            channel.track(Origin::Local { queue, entry }, Some(credit))
         };
         self.encoder.deliver(
             &mut self.write_buf,
@@ -1247,6 +1415,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         let Some((_, properties, properties_raw)) = header else {
             return;
         };
+        if self.internal {
+            // A targeted publish forwarded by the entry node, which counted
+            // it and checked it; `immediate` marks it (see `cluster::forward`).
+            let Some((targets, body)) = forward::decode_targets(&body.finish()) else {
+                let err = AmqpError::new(reply::SYNTAX_ERROR, "malformed targeted publish");
+                self.begin_close(err.code, &err.text, 60, 40);
+                return;
+            };
+            let message = Arc::new(Message::new(
+                exchange,
+                routing_key,
+                &properties,
+                &properties_raw,
+                body,
+            ));
+            self.publish_targeted(channel_id, message, &targets);
+            return;
+        }
         self.broker.metrics.messages_published_total.inc();
         if let Some(expiration) = properties.expiration()
             && expiration.as_str().parse::<u64>().is_err()
@@ -1299,73 +1485,274 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
     ) -> Result<(), AmqpError> {
         self.has_published = true;
         let mut tickets = Vec::new();
-        let published = self.broker.publish_with(
+        let mut remote = std::mem::take(&mut self.remote_scratch);
+        let published = self.broker.publish_routed(
             &self.vhost,
             message.clone(),
             &mut self.route_scratch,
+            &mut remote,
             &mut tickets,
-        )?;
-        if published.n_queues == 0 && !published.rejected {
+        );
+        let published = match published {
+            Ok(published) => published,
+            Err(err) => {
+                self.remote_scratch = remote;
+                return Err(err);
+            }
+        };
+        let seq = self
+            .channels
+            .get_mut(&channel_id)
+            .and_then(|c| c.confirms.as_mut())
+            .map_or(0, |confirms| {
+                confirms.published += 1;
+                confirms.published
+            });
+        let (n_homes, unreachable) = if remote.is_empty() {
+            (0, None)
+        } else {
+            let mandatory_here = mandatory && published.n_queues == 0;
+            self.forward(channel_id, &message, &mut remote, seq, mandatory_here)
+        };
+        self.remote_scratch = remote;
+        if published.n_queues == 0 && n_homes == 0 && !published.rejected {
             if mandatory {
-                self.broker.metrics.messages_unroutable_returned_total.inc();
-                self.send_method(
-                    channel_id,
-                    AMQPClass::Basic(basic::AMQPMethod::Return(basic::Return {
-                        reply_code: reply::NO_ROUTE,
-                        reply_text: "NO_ROUTE".into(),
-                        exchange: (*message.exchange).into(),
-                        routing_key: (*message.routing_key).into(),
-                    })),
-                );
-                let frame_max = self.frame_max;
-                self.encoder.content(
-                    &mut self.write_buf,
-                    channel_id,
-                    &message.properties_raw,
-                    &message.body,
-                    frame_max,
-                );
+                let reply_text = match &unreachable {
+                    Some(home) => unreachable_text(home),
+                    None => "NO_ROUTE".to_string(),
+                };
+                self.send_return(channel_id, &message, &reply_text);
             } else {
                 self.broker.metrics.messages_unroutable_dropped_total.inc();
             }
         }
+        if seq == 0 {
+            return Ok(());
+        }
+        let durable_wait = !tickets.is_empty();
+        let waiting = WaitingConfirm {
+            seq,
+            waits: n_homes + u32::from(durable_wait),
+            ok: !published.rejected && unreachable.is_none(),
+        };
         let Some(channel) = self.channels.get_mut(&channel_id) else {
             return Ok(());
         };
-        if let Some(confirms) = channel.confirms.as_mut() {
-            confirms.published += 1;
-            let seq = confirms.published;
-            if !tickets.is_empty() || confirms.durable_outstanding > 0 {
-                confirms.durable_outstanding += 1;
-                let info = channel.info.clone();
-                let waiter = self.confirm_waiter.get_or_insert_with(|| {
-                    crate::durable::ConfirmWaiter::start(
-                        self.broker.durable().cloned(),
-                        self.sender.clone(),
-                    )
-                });
-                waiter.submit(info, seq, tickets, published.rejected);
-            } else if published.rejected {
-                // Acks before this one go first, then the nack alone.
-                let pending_acks = std::mem::take(&mut confirms.acked_through);
-                let sent = confirms.sent_through;
-                confirms.sent_through = seq;
-                if pending_acks > sent {
-                    self.send_ack_confirm(channel_id, pending_acks, pending_acks - sent > 1);
-                }
-                self.send_method(
-                    channel_id,
-                    AMQPClass::Basic(basic::AMQPMethod::Nack(basic::Nack {
-                        delivery_tag: seq,
-                        multiple: false,
-                        requeue: false,
-                    })),
-                );
-            } else {
-                confirms.acked_through = seq;
-            }
+        let Some(confirms) = channel.confirms.as_mut() else {
+            return Ok(());
+        };
+        if waiting.waits == 0 && confirms.waiting.is_empty() {
+            self.confirm_one(channel_id, seq, waiting.ok);
+            return Ok(());
+        }
+        confirms.waiting.push_back(waiting);
+        if durable_wait {
+            let info = channel.info.clone();
+            let waiter = self.confirm_waiter.get_or_insert_with(|| {
+                crate::durable::ConfirmWaiter::start(
+                    self.broker.durable().cloned(),
+                    self.sender.clone(),
+                )
+            });
+            waiter.submit(info, seq, tickets, false);
         }
         Ok(())
+    }
+
+    /// `basic.return` 312 with the message.
+    fn send_return(&mut self, channel_id: u16, message: &Message, reply_text: &str) {
+        self.broker.metrics.messages_unroutable_returned_total.inc();
+        self.send_method(
+            channel_id,
+            AMQPClass::Basic(basic::AMQPMethod::Return(basic::Return {
+                reply_code: reply::NO_ROUTE,
+                reply_text: short(reply_text).into(),
+                exchange: (*message.exchange).into(),
+                routing_key: (*message.routing_key).into(),
+            })),
+        );
+        let frame_max = self.frame_max;
+        self.encoder.content(
+            &mut self.write_buf,
+            channel_id,
+            &message.properties_raw,
+            &message.body,
+            frame_max,
+        );
+    }
+
+    /// Forwards a publish to the home nodes of its remote targets (sorted
+    /// here by home node). Returns how many home nodes it was sent to, and
+    /// a home node that could not be reached, if any. `mandatory_here`: the
+    /// message is mandatory and no local queue took it.
+    fn forward(
+        &mut self,
+        channel_id: u16,
+        message: &Arc<Message>,
+        remote: &mut [(String, String)],
+        seq: u64,
+        mandatory_here: bool,
+    ) -> (u32, Option<String>) {
+        remote.sort_unstable();
+        let single_home = remote.iter().all(|(home, _)| *home == remote[0].0);
+        let returnable = (mandatory_here && single_home).then(|| message.clone());
+        let mut n_homes = 0;
+        let mut unreachable = None;
+        let mut start = 0;
+        while start < remote.len() {
+            let home = remote[start].0.as_str();
+            let end = start
+                + remote[start..]
+                    .iter()
+                    .take_while(|(h, _)| h == home)
+                    .count();
+            let names: Vec<&str> = remote[start..end].iter().map(|(_, q)| q.as_str()).collect();
+            match self.remote_link(channel_id, home) {
+                Ok(link) => {
+                    if !link.publish(message, &names) {
+                        self.link_full = Some(link.link().clone());
+                    }
+                    if let Some(remote) = self
+                        .channels
+                        .get_mut(&channel_id)
+                        .and_then(|c| c.remote_of(&link))
+                    {
+                        remote.published += 1;
+                        remote.unconfirmed.push_back(Forwarded {
+                            link_seq: remote.published,
+                            seq,
+                            returnable: returnable.clone(),
+                        });
+                    }
+                    n_homes += 1;
+                }
+                Err(err) => {
+                    tracing::debug!(connection = %self.name, %err, "publish not forwarded");
+                    self.broker
+                        .metrics
+                        .cluster_forward_failed_total
+                        .with_label_values(&[home])
+                        .inc();
+                    unreachable = Some(home.to_string());
+                }
+            }
+            start = end;
+        }
+        (n_homes, unreachable)
+    }
+
+    /// This client channel's link channel to `home`, opened on first use.
+    fn remote_link(
+        &mut self,
+        channel_id: u16,
+        home: &str,
+    ) -> Result<Arc<LinkChannel>, forward::Error> {
+        let links = self.broker.links().cloned();
+        let sender = self.sender.clone();
+        let vhost = self.vhost.clone();
+        let channel = self
+            .channels
+            .get_mut(&channel_id)
+            .ok_or_else(|| forward::Error::Unreachable(home.to_string()))?;
+        if let Some(remote) = channel.remote(home) {
+            return Ok(remote.link.clone());
+        }
+        let links = links.ok_or(forward::Error::NoLinks)?;
+        // Failed link channels hear nothing more; deliveries still unacked
+        // from them hold their own reference.
+        channel.remotes.retain(|r| !r.down);
+        let link = links.open_channel(home, &vhost, sender, channel_id)?;
+        channel.remotes.push(RemoteChannel {
+            link: link.clone(),
+            down: false,
+            published: 0,
+            unconfirmed: Default::default(),
+        });
+        Ok(link)
+    }
+
+    /// Home side: enqueues a targeted publish and confirms it.
+    fn publish_targeted(&mut self, channel_id: u16, message: Arc<Message>, targets: &[String]) {
+        let mut tickets = Vec::new();
+        let published = self
+            .broker
+            .publish_to_queues(&self.vhost, message, targets, &mut tickets);
+        let Some(channel) = self.channels.get_mut(&channel_id) else {
+            return;
+        };
+        let Some(confirms) = channel.confirms.as_mut() else {
+            return;
+        };
+        confirms.published += 1;
+        let seq = confirms.published;
+        let ok = !published.rejected;
+        if tickets.is_empty() && confirms.waiting.is_empty() {
+            self.confirm_one(channel_id, seq, ok);
+            return;
+        }
+        confirms.waiting.push_back(WaitingConfirm {
+            seq,
+            waits: u32::from(!tickets.is_empty()),
+            ok,
+        });
+        if !tickets.is_empty() {
+            let info = channel.info.clone();
+            let waiter = self.confirm_waiter.get_or_insert_with(|| {
+                crate::durable::ConfirmWaiter::start(
+                    self.broker.durable().cloned(),
+                    self.sender.clone(),
+                )
+            });
+            waiter.submit(info, seq, tickets, false);
+        }
+    }
+
+    /// Publish `seq` is settled: an ack joins the batch of acks; a nack
+    /// goes out now, after the acks before it.
+    fn confirm_one(&mut self, channel_id: u16, seq: u64, ok: bool) {
+        let Some(confirms) = self
+            .channels
+            .get_mut(&channel_id)
+            .and_then(|c| c.confirms.as_mut())
+        else {
+            return;
+        };
+        if ok {
+            confirms.acked_through = seq;
+            return;
+        }
+        let pending_acks = std::mem::take(&mut confirms.acked_through);
+        let sent = confirms.sent_through;
+        confirms.sent_through = seq;
+        if pending_acks > sent {
+            self.broker
+                .metrics
+                .messages_confirmed_total
+                .inc_by(pending_acks - sent);
+            self.send_ack_confirm(channel_id, pending_acks, pending_acks - sent > 1);
+        }
+        self.send_method(
+            channel_id,
+            AMQPClass::Basic(basic::AMQPMethod::Nack(basic::Nack {
+                delivery_tag: seq,
+                multiple: false,
+                requeue: false,
+            })),
+        );
+    }
+
+    /// Sends the confirms whose answers are all in, in publish order.
+    fn drain_confirms(&mut self, channel_id: u16) {
+        let Some(confirms) = self
+            .channels
+            .get_mut(&channel_id)
+            .and_then(|c| c.confirms.as_mut())
+        else {
+            return;
+        };
+        for done in confirms.take_answered() {
+            self.confirm_one(channel_id, done.seq, done.ok);
+        }
     }
 
     /// A confirm the durable waiter reported, in publish order.
@@ -1379,25 +1766,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         else {
             return;
         };
-        confirms.durable_outstanding = confirms.durable_outstanding.saturating_sub(1);
-        if ok {
-            confirms.acked_through = seq;
-            return;
-        }
-        let pending_acks = std::mem::take(&mut confirms.acked_through);
-        let sent = confirms.sent_through;
-        confirms.sent_through = seq;
-        if pending_acks > sent {
-            self.send_ack_confirm(channel_id, pending_acks, pending_acks - sent > 1);
-        }
-        self.send_method(
-            channel_id,
-            AMQPClass::Basic(basic::AMQPMethod::Nack(basic::Nack {
-                delivery_tag: seq,
-                multiple: false,
-                requeue: false,
-            })),
-        );
+        confirms.answer(seq, ok);
+        self.drain_confirms(channel_id);
     }
 
     fn send_ack_confirm(&mut self, channel_id: u16, tag: u64, multiple: bool) {
@@ -1431,7 +1801,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
 
     fn handle_method(&mut self, channel_id: u16, method: AMQPClass) -> Result<(), AmqpError> {
         match method {
+            AMQPClass::Basic(basic::AMQPMethod::Publish(publish)) if self.internal => {
+                if !publish.immediate {
+                    return Err(AmqpError::new(
+                        reply::COMMAND_INVALID,
+                        "a data link carries targeted publishes only",
+                    ));
+                }
+                let channel = self.channel_mut(channel_id)?;
+                channel.pending = Some(PendingContent {
+                    exchange: channel.names.exchange(publish.exchange.as_str()),
+                    routing_key: channel.names.routing_key(publish.routing_key.as_str()),
+                    mandatory: false,
+                    header: None,
+                    body: BodyParts::Empty,
+                });
+                Ok(())
+            }
             AMQPClass::Basic(basic::AMQPMethod::Publish(publish)) => {
+                // `immediate` also marks the targeted publishes of data
+                // links, which only internal connections may send.
                 if publish.immediate {
                     return Err(AmqpError::new(reply::NOT_IMPLEMENTED, "immediate=true"));
                 }
@@ -1530,14 +1919,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                         .info
                         .consumers
                         .store(channel.consumers.len() as u32, Ordering::Relaxed);
-                    if consumer
-                        .queue
-                        .remove_consumer(self.id, channel_id, &tag, Instant::now())
-                    {
-                        self.broker.submit_detached(Command::DeleteQueue {
-                            vhost: consumer.queue.vhost.clone(),
-                            name: consumer.queue.name().to_string(),
-                        });
+                    match &consumer.source {
+                        ConsumerSource::Local(queue) => {
+                            if queue.remove_consumer(self.id, channel_id, &tag, Instant::now()) {
+                                self.broker.submit_detached(Command::DeleteQueue {
+                                    vhost: queue.vhost.clone(),
+                                    name: queue.name().to_string(),
+                                });
+                            }
+                        }
+                        ConsumerSource::Remote(link) => {
+                            // Deliveries already on their way find no
+                            // consumer and are given back (see `link_event`).
+                            link.send(&AMQPClass::Basic(basic::AMQPMethod::Cancel(
+                                basic::Cancel {
+                                    consumer_tag: tag.as_ref().into(),
+                                    nowait: true,
+                                },
+                            )));
+                        }
                     }
                 }
                 if !cancel.nowait {
@@ -1710,10 +2110,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
             .metrics
             .messages_acknowledged_total
             .inc_by(taken.len() as u64);
-        for (queue, entries) in group_by_queue(taken) {
+        let (local, remote) = split_origins(taken);
+        for (queue, entries) in group_by_queue(local) {
             queue.ack(entries.len() as u64);
-            entries.iter().for_each(|u| queue.forget(&u.entry));
+            entries.iter().for_each(|entry| queue.forget(entry));
         }
+        settle_remote(remote, multiple, Settle::Ack);
         self.redispatch(channel_id);
         Ok(())
     }
@@ -1726,14 +2128,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         requeue: bool,
     ) -> Result<(), AmqpError> {
         let taken = self.channel_mut(channel_id)?.take_unacked(tag, multiple)?;
+        let (local, remote) = split_origins(taken);
         if requeue {
-            self.requeue(taken);
-        } else {
+            let now = Instant::now();
             let mut dead = Vec::new();
-            for unacked in taken {
-                unacked.queue.reject(&unacked.entry, &mut dead);
+            for (queue, entries) in group_by_queue(local) {
+                queue.requeue(entries, now, &mut dead);
             }
             self.broker.dead_letter(dead);
+            settle_remote(remote, multiple, Settle::Requeue);
+        } else {
+            let mut dead = Vec::new();
+            for (queue, entry) in local {
+                queue.reject(&entry, &mut dead);
+            }
+            self.broker.dead_letter(dead);
+            settle_remote(remote, multiple, Settle::Reject);
         }
         self.redispatch(channel_id);
         Ok(())
@@ -1741,14 +2151,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
 
     /// Looks up a queue for a client operation: 404 when missing, 405 when
     /// exclusive to another connection.
-    fn lookup_queue(&self, name: &str) -> Result<Arc<Queue>, AmqpError> {
-        let queue = self.broker.queue(&self.vhost, name).ok_or_else(|| {
+    fn lookup_queue(&self, name: &str) -> Result<QueueAt, AmqpError> {
+        let queue = self.broker.locate_queue(&self.vhost, name).ok_or_else(|| {
             AmqpError::new(
                 reply::NOT_FOUND,
                 format!("no queue '{name}' in vhost '{}'", self.vhost),
             )
         })?;
-        self.check_exclusive(&queue)?;
+        match &queue {
+            QueueAt::Local(local) => self.check_exclusive(&local.def)?,
+            // A data link reaches the queues homed here, never further.
+            QueueAt::Remote(def) if self.internal => {
+                return Err(AmqpError::new(
+                    reply::RESOURCE_LOCKED,
+                    format!(
+                        "queue '{name}' in vhost '{}' is homed on '{}', not here",
+                        self.vhost, def.home_node
+                    ),
+                ));
+            }
+            QueueAt::Remote(def) => self.check_exclusive(def)?,
+        }
         Ok(queue)
     }
 
@@ -1763,14 +2186,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         })
     }
 
-    fn check_exclusive(&self, queue: &Queue) -> Result<(), AmqpError> {
-        match &queue.def.exclusive_owner {
+    fn check_exclusive(&self, queue: &QueueDef) -> Result<(), AmqpError> {
+        match &queue.exclusive_owner {
             Some(owner) if owner != &self.name => Err(AmqpError::new(
                 reply::RESOURCE_LOCKED,
                 format!(
                     "cannot obtain exclusive access to locked queue '{}' in vhost '{}'. It could be originally declared on another connection or the exclusive property value does not match that of the original declaration.",
-                    queue.name(),
-                    self.vhost
+                    queue.name, self.vhost
                 ),
             )),
             _ => Ok(()),
@@ -1780,7 +2202,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
     fn consume(&mut self, channel_id: u16, consume: basic::Consume) -> Result<(), AmqpError> {
         let queue_name = consume.queue.as_str();
         self.check(Access::Read, "queue", queue_name)?;
-        let queue = self.lookup_queue(queue_name)?;
+        let queue = match self.lookup_queue(queue_name)? {
+            QueueAt::Local(queue) => queue,
+            QueueAt::Remote(def) => return self.consume_remote(channel_id, consume, &def),
+        };
         let connection_id = self.id;
         let sender = self.sender.clone();
         let backlog = self.backlog.clone();
@@ -1811,7 +2236,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         channel.consumers.insert(
             tag.clone(),
             ChannelConsumer {
-                queue: queue.clone(),
+                source: ConsumerSource::Local(queue.clone()),
                 no_ack: consume.no_ack,
                 credit,
             },
@@ -1844,7 +2269,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
     fn get(&mut self, channel_id: u16, get: basic::Get) -> Result<(), AmqpError> {
         let queue_name = get.queue.as_str();
         self.check(Access::Read, "queue", queue_name)?;
-        let queue = self.lookup_queue(queue_name)?;
+        let queue = match self.lookup_queue(queue_name)? {
+            QueueAt::Local(queue) => queue,
+            QueueAt::Remote(def) => {
+                let link = self.remote_for_queue(channel_id, &def)?;
+                link.send(&AMQPClass::Basic(basic::AMQPMethod::Get(basic::Get {
+                    queue: get.queue.clone(),
+                    no_ack: get.no_ack,
+                })));
+                self.remote_wait = Some(RemoteWait {
+                    link,
+                    channel_id,
+                    kind: WaitKind::Get { no_ack: get.no_ack },
+                });
+                return Ok(());
+            }
+        };
         let mut dead = Vec::new();
         let got = queue.get(get.no_ack, Instant::now(), &mut dead);
         self.broker.dead_letter(dead);
@@ -1863,7 +2303,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
             channel.delivery_tag += 1;
             channel.delivery_tag
         } else {
-            channel.track(queue, entry, None)
+            channel.track(Origin::Local { queue, entry }, None)
         };
         self.send_method(
             channel_id,
@@ -2136,7 +2576,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
             amqp_queue::AMQPMethod::Purge(purge) => {
                 let name = purge.queue.as_str();
                 self.check(Access::Read, "queue", name)?;
-                let queue = self.lookup_queue(name)?;
+                let queue = match self.lookup_queue(name)? {
+                    QueueAt::Local(queue) => queue,
+                    QueueAt::Remote(def) => {
+                        let link = self.remote_for_queue(channel_id, &def)?;
+                        link.send(&AMQPClass::Queue(amqp_queue::AMQPMethod::Purge(
+                            amqp_queue::Purge {
+                                queue: purge.queue.clone(),
+                                nowait: false,
+                            },
+                        )));
+                        self.remote_wait = Some(RemoteWait {
+                            link,
+                            channel_id,
+                            kind: WaitKind::Purge {
+                                nowait: purge.nowait,
+                            },
+                        });
+                        return Ok(());
+                    }
+                };
                 let n = queue.purge();
                 if !purge.nowait {
                     self.send_method(
@@ -2151,8 +2610,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
             amqp_queue::AMQPMethod::Delete(delete) => {
                 let name = delete.queue.as_str();
                 self.check(Access::Configure, "queue", name)?;
-                if let Some(queue) = self.broker.queue(&self.vhost, name) {
-                    self.check_exclusive(&queue)?;
+                match self.broker.locate_queue(&self.vhost, name) {
+                    Some(QueueAt::Local(queue)) => self.check_exclusive(&queue.def)?,
+                    // The home node drops the messages when it applies the
+                    // deletion; its counts are not known here, so if-unused
+                    // and if-empty are not checked and 0 is reported.
+                    Some(QueueAt::Remote(def)) => self.check_exclusive(&def)?,
+                    None => {}
                 }
                 let nowait = delete.nowait;
                 let reply = move |conn: &mut Connection<S>, n: u64| {
@@ -2204,21 +2668,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
     ) -> Result<(), AmqpError> {
         let mut name = declare.queue.as_str().to_string();
         if declare.passive {
-            let (ready, consumers) = match self.broker.queue(&self.vhost, &name) {
-                Some(_) => {
-                    let queue = self.lookup_queue(&name)?;
-                    queue.touch(Instant::now());
-                    let counts = queue.counts();
-                    (counts.ready, counts.consumers)
-                }
-                // Homed on another node: counts are that node's to tell.
-                None => {
-                    self.lookup_queue_def(&name)?;
-                    (0, 0)
-                }
-            };
-            self.send_declare_ok(channel_id, &declare, &name, ready, consumers);
-            return Ok(());
+            let queue = self.lookup_queue(&name)?;
+            return self.declare_ok(channel_id, &declare, &name, queue);
         }
         if name.is_empty() {
             name = Broker::generate_name("amq.gen-");
@@ -2229,8 +2680,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
             ));
         }
         self.check(Access::Configure, "queue", &name)?;
-        if let Some(existing) = self.broker.queue(&self.vhost, &name) {
-            self.check_exclusive(&existing)?;
+        match self.broker.locate_queue(&self.vhost, &name) {
+            Some(QueueAt::Local(existing)) => self.check_exclusive(&existing.def)?,
+            Some(QueueAt::Remote(def)) => self.check_exclusive(&def)?,
+            None => {}
         }
         let command = Command::DeclareQueue {
             vhost: self.vhost.clone(),
@@ -2248,21 +2701,464 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
             if outcome.created && declare.exclusive {
                 conn.exclusive_queues.push(name.clone());
             }
-            let (ready, consumers) = match conn.broker.queue(&conn.vhost, &name) {
-                Some(queue) => {
-                    queue.touch(Instant::now());
-                    let counts = queue.counts();
-                    (counts.ready, counts.consumers)
-                }
-                // Homed on another node: counts are that node's to tell.
-                None => {
-                    conn.lookup_queue_def(&name)?;
-                    (0, 0)
-                }
-            };
-            conn.send_declare_ok(channel_id, &declare, &name, ready, consumers);
-            Ok(())
+            let queue = conn.lookup_queue(&name)?;
+            conn.declare_ok(channel_id, &declare, &name, queue)
         })
+    }
+
+    /// Answers a declare with the queue's counts: at once for a local
+    /// queue, after asking the home node for a remote one.
+    fn declare_ok(
+        &mut self,
+        channel_id: u16,
+        declare: &amqp_queue::Declare,
+        name: &str,
+        queue: QueueAt,
+    ) -> Result<(), AmqpError> {
+        match queue {
+            QueueAt::Local(queue) => {
+                queue.touch(Instant::now());
+                let counts = queue.counts();
+                self.send_declare_ok(channel_id, declare, name, counts.ready, counts.consumers);
+            }
+            // The client does not want the counts: existence is known here.
+            QueueAt::Remote(_) if declare.nowait => {}
+            QueueAt::Remote(def) => {
+                let link = self.remote_for_queue(channel_id, &def)?;
+                link.declare_passive(name);
+                self.remote_wait = Some(RemoteWait {
+                    link,
+                    channel_id,
+                    kind: WaitKind::Declare {
+                        name: name.to_string(),
+                    },
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The link channel to a remote queue's home node, or the channel
+    /// error for an unreachable home.
+    fn remote_for_queue(
+        &mut self,
+        channel_id: u16,
+        def: &QueueDef,
+    ) -> Result<Arc<LinkChannel>, AmqpError> {
+        let vhost = self.vhost.clone();
+        self.remote_link(channel_id, &def.home_node)
+            .map_err(|err| unreachable_home(err, &def.name, &vhost))
+    }
+
+    fn consume_remote(
+        &mut self,
+        channel_id: u16,
+        consume: basic::Consume,
+        def: &QueueDef,
+    ) -> Result<(), AmqpError> {
+        let tag: Arc<str> = if consume.consumer_tag.as_str().is_empty() {
+            Arc::from(Broker::generate_name("amq.ctag-"))
+        } else {
+            Arc::from(consume.consumer_tag.as_str())
+        };
+        let channel = self.channel_mut(channel_id)?;
+        if channel.consumers.contains_key(&tag) {
+            return Err(AmqpError::new(
+                reply::NOT_ALLOWED,
+                format!("attempt to reuse consumer tag '{tag}'"),
+            ));
+        }
+        // The home node enforces the prefetch. A no-ack consumer, or one
+        // without a limit, still gets a bounded one: this node acks no-ack
+        // deliveries as it writes them, so the home node never runs ahead.
+        let prefetch = match channel.consumer_prefetch {
+            0 => crate::cluster::limits::LINK_NO_ACK_PREFETCH,
+            _ if consume.no_ack => crate::cluster::limits::LINK_NO_ACK_PREFETCH,
+            n => u16::try_from(n).unwrap_or(u16::MAX),
+        };
+        let link = self.remote_for_queue(channel_id, def)?;
+        link.send(&AMQPClass::Basic(basic::AMQPMethod::Qos(basic::Qos {
+            prefetch_count: prefetch,
+            global: false,
+        })));
+        link.send(&AMQPClass::Basic(basic::AMQPMethod::Consume(
+            basic::Consume {
+                queue: consume.queue.clone(),
+                consumer_tag: tag.as_ref().into(),
+                no_local: consume.no_local,
+                no_ack: false,
+                exclusive: consume.exclusive,
+                nowait: false,
+                arguments: consume.arguments.clone(),
+            },
+        )));
+        self.remote_wait = Some(RemoteWait {
+            link,
+            channel_id,
+            kind: WaitKind::Consume {
+                tag,
+                no_ack: consume.no_ack,
+                nowait: consume.nowait,
+            },
+        });
+        Ok(())
+    }
+
+    /// Handles what a data link reports for one of this connection's link
+    /// channels.
+    fn link_event(&mut self, event: LinkEvent) {
+        let LinkEvent {
+            channel: link,
+            kind,
+        } = event;
+        let channel_id = link.client_channel;
+        let Some(channel) = self.channels.get_mut(&channel_id) else {
+            return;
+        };
+        if channel.remote_of(&link).is_none() {
+            // Left behind by a closed channel; the home node requeues.
+            return;
+        }
+        let waiting_here = self
+            .remote_wait
+            .as_ref()
+            .is_some_and(|w| Arc::ptr_eq(&w.link, &link));
+        match kind {
+            LinkEventKind::Method(method) => match *method {
+                AMQPClass::Basic(basic::AMQPMethod::Ack(ack)) => {
+                    self.remote_confirmed(channel_id, &link, ack.delivery_tag, ack.multiple, true)
+                }
+                AMQPClass::Basic(basic::AMQPMethod::Nack(nack)) => self.remote_confirmed(
+                    channel_id,
+                    &link,
+                    nack.delivery_tag,
+                    nack.multiple,
+                    false,
+                ),
+                AMQPClass::Basic(basic::AMQPMethod::Cancel(cancel)) => {
+                    let tag: Arc<str> = Arc::from(cancel.consumer_tag.as_str());
+                    self.cancel_remote_consumer(channel_id, &tag);
+                }
+                method if waiting_here => self.remote_answer(method, None),
+                _ => {}
+            },
+            LinkEventKind::Content(method, message) => match *method {
+                AMQPClass::Basic(basic::AMQPMethod::Deliver(deliver)) => {
+                    self.remote_deliver(&link, deliver, message)
+                }
+                method if waiting_here => self.remote_answer(method, Some(message)),
+                _ => {}
+            },
+            LinkEventKind::Closed { code, text } => {
+                self.remote_down(channel_id, &link);
+                self.close_channel(
+                    channel_id,
+                    AmqpError {
+                        code,
+                        text,
+                        class_id: 0,
+                        method_id: 0,
+                    },
+                );
+            }
+            LinkEventKind::Down => {
+                let failed_request = waiting_here;
+                self.remote_down(channel_id, &link);
+                if failed_request {
+                    let err = AmqpError::new(
+                        reply::RESOURCE_LOCKED,
+                        format!("home node '{}' is unreachable", link.peer()),
+                    );
+                    self.close_channel(channel_id, err);
+                }
+            }
+        }
+    }
+
+    /// The home node confirmed forwarded publishes up to `tag` on `link`
+    /// (it confirms in order, so everything before `tag` was answered).
+    fn remote_confirmed(
+        &mut self,
+        channel_id: u16,
+        link: &Arc<LinkChannel>,
+        tag: u64,
+        multiple: bool,
+        ok: bool,
+    ) {
+        let Some(channel) = self.channels.get_mut(&channel_id) else {
+            return;
+        };
+        let Some(remote) = channel.remote_of(link) else {
+            return;
+        };
+        let mut answered = Vec::new();
+        while let Some(&Forwarded { link_seq, seq, .. }) = remote.unconfirmed.front() {
+            if link_seq > tag {
+                break;
+            }
+            remote.unconfirmed.pop_front();
+            // Without `multiple`, only `tag` itself carries this answer.
+            answered.push((seq, ok || (!multiple && link_seq != tag)));
+        }
+        link.link().release(answered.len());
+        if let Some(confirms) = channel.confirms.as_mut() {
+            for (seq, ok) in answered {
+                if seq != 0 {
+                    confirms.answer(seq, ok);
+                }
+            }
+            self.drain_confirms(channel_id);
+        }
+    }
+
+    /// The link channel is gone: its forwarded publishes are nacked, its
+    /// consumers cancelled (`basic.cancel`), a request awaiting it dropped.
+    fn remote_down(&mut self, channel_id: u16, link: &Arc<LinkChannel>) {
+        if self
+            .remote_wait
+            .as_ref()
+            .is_some_and(|w| Arc::ptr_eq(&w.link, link))
+        {
+            self.remote_wait = None;
+            self.resume_input = true;
+        }
+        let Some(channel) = self.channels.get_mut(&channel_id) else {
+            return;
+        };
+        let Some(remote) = channel.remote_of(link) else {
+            return;
+        };
+        remote.down = true;
+        let unconfirmed: Vec<Forwarded> = remote.unconfirmed.drain(..).collect();
+        link.link().release(unconfirmed.len());
+        if let Some(confirms) = channel.confirms.as_mut() {
+            for forwarded in &unconfirmed {
+                if forwarded.seq != 0 {
+                    confirms.answer(forwarded.seq, false);
+                }
+            }
+        }
+
+        let cancelled: Vec<Arc<str>> = channel
+            .consumers
+            .iter()
+            .filter(|(_, c)| matches!(&c.source, ConsumerSource::Remote(l) if Arc::ptr_eq(l, link)))
+            .map(|(tag, _)| tag.clone())
+            .collect();
+        // Returns go out before the nacks of the same publishes.
+        let text = unreachable_text(link.peer());
+        for forwarded in unconfirmed {
+            if let Some(message) = forwarded.returnable {
+                self.send_return(channel_id, &message, &text);
+            }
+        }
+        self.drain_confirms(channel_id);
+        for tag in cancelled {
+            self.cancel_remote_consumer(channel_id, &tag);
+        }
+    }
+
+    /// Forgets a remote consumer and tells the client (consumer_cancel_notify).
+    fn cancel_remote_consumer(&mut self, channel_id: u16, tag: &Arc<str>) {
+        let Some(channel) = self.channels.get_mut(&channel_id) else {
+            return;
+        };
+        if channel.closing || channel.consumers.remove(tag).is_none() {
+            return;
+        }
+        channel
+            .info
+            .consumers
+            .store(channel.consumers.len() as u32, Ordering::Relaxed);
+        self.send_method(
+            channel_id,
+            AMQPClass::Basic(basic::AMQPMethod::Cancel(basic::Cancel {
+                consumer_tag: tag.as_ref().into(),
+                nowait: true,
+            })),
+        );
+    }
+
+    /// Relays a delivery from a home node to the client consumer.
+    fn remote_deliver(
+        &mut self,
+        link: &Arc<LinkChannel>,
+        deliver: basic::Deliver,
+        message: Arc<Message>,
+    ) {
+        let channel_id = link.client_channel;
+        let closing = self.closing;
+        let tag: Arc<str> = Arc::from(deliver.consumer_tag.as_str());
+        let Some(channel) = self.channels.get_mut(&channel_id).filter(|c| !c.closing) else {
+            return;
+        };
+        let no_ack = match channel.consumers.get(&tag) {
+            Some(consumer)
+                if !closing
+                    && matches!(&consumer.source, ConsumerSource::Remote(l) if Arc::ptr_eq(l, link)) =>
+            {
+                consumer.no_ack
+            }
+            _ => {
+                // Cancelled meanwhile: give it back to the home node.
+                settle_remote(
+                    vec![(link.clone(), deliver.delivery_tag)],
+                    false,
+                    Settle::Requeue,
+                );
+                return;
+            }
+        };
+        let client_tag = if no_ack {
+            channel.delivery_tag += 1;
+            settle_remote(
+                vec![(link.clone(), deliver.delivery_tag)],
+                false,
+                Settle::Ack,
+            );
+            channel.delivery_tag
+        } else {
+            channel.track(
+                Origin::Remote {
+                    link: link.clone(),
+                    tag: deliver.delivery_tag,
+                },
+                None,
+            )
+        };
+        self.broker
+            .metrics
+            .cluster_remote_deliveries_total
+            .with_label_values(&[link.peer()])
+            .inc();
+        self.encoder.deliver(
+            &mut self.write_buf,
+            channel_id,
+            &tag,
+            client_tag,
+            deliver.redelivered,
+            &message.exchange,
+            &message.routing_key,
+        );
+        let frame_max = self.frame_max;
+        self.encoder.content(
+            &mut self.write_buf,
+            channel_id,
+            &message.properties_raw,
+            &message.body,
+            frame_max,
+        );
+    }
+
+    /// The home node answered the relayed request the connection waits on.
+    fn remote_answer(&mut self, method: AMQPClass, message: Option<Arc<Message>>) {
+        let Some(RemoteWait {
+            link,
+            channel_id,
+            kind,
+        }) = self.remote_wait.take()
+        else {
+            return;
+        };
+        self.resume_input = true;
+        match (kind, method) {
+            (
+                WaitKind::Consume {
+                    tag,
+                    no_ack,
+                    nowait,
+                },
+                AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(_)),
+            ) => {
+                let Some(channel) = self.channels.get_mut(&channel_id) else {
+                    return;
+                };
+                channel.consumers.insert(
+                    tag.clone(),
+                    ChannelConsumer {
+                        source: ConsumerSource::Remote(link),
+                        no_ack,
+                        credit: Credit::new(0),
+                    },
+                );
+                channel
+                    .info
+                    .consumers
+                    .store(channel.consumers.len() as u32, Ordering::Relaxed);
+                if !nowait {
+                    self.send_method(
+                        channel_id,
+                        AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(basic::ConsumeOk {
+                            consumer_tag: tag.as_ref().into(),
+                        })),
+                    );
+                }
+            }
+            (WaitKind::Get { .. }, AMQPClass::Basic(basic::AMQPMethod::GetEmpty(_))) => {
+                self.send_method(
+                    channel_id,
+                    AMQPClass::Basic(basic::AMQPMethod::GetEmpty(basic::GetEmpty {})),
+                );
+            }
+            (WaitKind::Get { no_ack }, AMQPClass::Basic(basic::AMQPMethod::GetOk(get_ok))) => {
+                let Some(message) = message else {
+                    return;
+                };
+                let Some(channel) = self.channels.get_mut(&channel_id) else {
+                    return;
+                };
+                let tag = if no_ack {
+                    channel.delivery_tag += 1;
+                    channel.delivery_tag
+                } else {
+                    channel.track(
+                        Origin::Remote {
+                            link,
+                            tag: get_ok.delivery_tag,
+                        },
+                        None,
+                    )
+                };
+                self.send_method(
+                    channel_id,
+                    AMQPClass::Basic(basic::AMQPMethod::GetOk(basic::GetOk {
+                        delivery_tag: tag,
+                        ..get_ok
+                    })),
+                );
+                let frame_max = self.frame_max;
+                self.encoder.content(
+                    &mut self.write_buf,
+                    channel_id,
+                    &message.properties_raw,
+                    &message.body,
+                    frame_max,
+                );
+            }
+            (
+                WaitKind::Declare { name },
+                AMQPClass::Queue(amqp_queue::AMQPMethod::DeclareOk(ok)),
+            ) => {
+                self.send_method(
+                    channel_id,
+                    AMQPClass::Queue(amqp_queue::AMQPMethod::DeclareOk(amqp_queue::DeclareOk {
+                        queue: name.as_str().into(),
+                        ..ok
+                    })),
+                );
+            }
+            (WaitKind::Purge { nowait }, AMQPClass::Queue(amqp_queue::AMQPMethod::PurgeOk(ok))) => {
+                if !nowait {
+                    self.send_method(
+                        channel_id,
+                        AMQPClass::Queue(amqp_queue::AMQPMethod::PurgeOk(ok)),
+                    );
+                }
+            }
+            (_, other) => {
+                tracing::debug!(connection = %self.name, ?other, "unexpected answer from a home node");
+            }
+        }
     }
 
     fn send_declare_ok(
@@ -2291,15 +3187,87 @@ fn meta_error(err: MetaError) -> AmqpError {
     AmqpError::new(err.reply_code(), err)
 }
 
-fn group_by_queue(unacked: Vec<Unacked>) -> Vec<(Arc<Queue>, Vec<Unacked>)> {
-    let mut groups: Vec<(Arc<Queue>, Vec<Unacked>)> = Vec::new();
-    for u in unacked {
-        match groups.iter_mut().find(|(q, _)| Arc::ptr_eq(q, &u.queue)) {
-            Some((_, list)) => list.push(u),
-            None => groups.push((u.queue.clone(), vec![u])),
+fn group_by_queue(local: Vec<(Arc<Queue>, Entry)>) -> Vec<(Arc<Queue>, Vec<Entry>)> {
+    let mut groups: Vec<(Arc<Queue>, Vec<Entry>)> = Vec::new();
+    for (queue, entry) in local {
+        match groups.iter_mut().find(|(q, _)| Arc::ptr_eq(q, &queue)) {
+            Some((_, list)) => list.push(entry),
+            None => groups.push((queue, vec![entry])),
         }
     }
     groups
+}
+
+type RemoteTags = Vec<(Arc<LinkChannel>, u64)>;
+
+/// Splits settled deliveries into local (queue, entry) pairs and remote
+/// (link channel, link delivery tag) pairs.
+fn split_origins(unacked: Vec<Unacked>) -> (Vec<(Arc<Queue>, Entry)>, RemoteTags) {
+    let mut local = Vec::new();
+    let mut remote = Vec::new();
+    for u in unacked {
+        match u.origin {
+            Origin::Local { queue, entry } => local.push((queue, entry)),
+            Origin::Remote { link, tag } => remote.push((link, tag)),
+        }
+    }
+    (local, remote)
+}
+
+/// How remote deliveries are settled on their home node.
+#[derive(Clone, Copy)]
+enum Settle {
+    Ack,
+    Requeue,
+    Reject,
+}
+
+/// Relays a settlement to home nodes: one method per link channel. With
+/// `multiple`, the highest tag covers the rest, because a link channel's
+/// tags arrive in the same order as this channel's and a multiple settle
+/// takes every unacked delivery up to a tag.
+fn settle_remote(remote: RemoteTags, multiple: bool, settle: Settle) {
+    let mut groups: Vec<(Arc<LinkChannel>, Vec<u64>)> = Vec::new();
+    for (link, tag) in remote {
+        match groups.iter_mut().find(|(l, _)| Arc::ptr_eq(l, &link)) {
+            Some((_, tags)) => tags.push(tag),
+            None => groups.push((link, vec![tag])),
+        }
+    }
+    for (link, tags) in groups {
+        let batches: Vec<(u64, bool)> = if multiple || tags.len() > 1 {
+            vec![(tags.iter().copied().max().unwrap_or(0), true)]
+        } else {
+            tags.iter().map(|t| (*t, false)).collect()
+        };
+        for (tag, multiple) in batches {
+            let method = match settle {
+                Settle::Ack => basic::AMQPMethod::Ack(basic::Ack {
+                    delivery_tag: tag,
+                    multiple,
+                }),
+                Settle::Requeue | Settle::Reject => basic::AMQPMethod::Nack(basic::Nack {
+                    delivery_tag: tag,
+                    multiple,
+                    requeue: matches!(settle, Settle::Requeue),
+                }),
+            };
+            link.send(&AMQPClass::Basic(method));
+        }
+    }
+}
+
+/// The `basic.return` text for a message whose queue's home is unreachable.
+fn unreachable_text(home: &str) -> String {
+    format!("NO_ROUTE - home node '{home}' of the queue is unreachable")
+}
+
+/// The channel error for a queue whose home node cannot be reached.
+fn unreachable_home(err: forward::Error, queue: &str, vhost: &str) -> AmqpError {
+    AmqpError::new(
+        reply::RESOURCE_LOCKED,
+        format!("queue '{queue}' in vhost '{vhost}': {err}"),
+    )
 }
 
 /// Truncates a reply text to a short string's 255 bytes.

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// All metric families of the broker, registered once in [`Metrics::registry`].
@@ -81,6 +81,14 @@ pub struct Metrics {
     pub identity_info: IntGaugeVec,
     /// Constant 1 carrying the version.
     pub build_info: IntGaugeVec,
+    /// Publishes forwarded to a queue's home node, by `peer`.
+    pub cluster_forwarded_messages_total: IntCounterVec,
+    /// Forwarded publishes awaiting the home node's confirm, by `peer`.
+    pub cluster_forward_in_flight: IntGaugeVec,
+    /// Deliveries relayed from a home node to a consumer here, by `peer`.
+    pub cluster_remote_deliveries_total: IntCounterVec,
+    /// Publishes that could not be forwarded (home node unreachable), by `peer`.
+    pub cluster_forward_failed_total: IntCounterVec,
 }
 
 impl Metrics {
@@ -107,6 +115,13 @@ impl Metrics {
                 .register(Box::new(g.clone()))
                 .expect("unique metric name");
             g
+        };
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric name");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric name");
+            c
         };
         let queue_registry = Registry::new();
         let queue_gauge_vec = |name: &str, help: &str, labels: &[&str]| {
@@ -238,6 +253,26 @@ impl Metrics {
                 &["node", "cluster"],
             ),
             build_info,
+            cluster_forwarded_messages_total: counter_vec(
+                "synod_cluster_forwarded_messages_total",
+                "Publishes forwarded to the home node of their queue",
+                &["peer"],
+            ),
+            cluster_forward_in_flight: gauge_vec(
+                "synod_cluster_forward_in_flight",
+                "Forwarded publishes awaiting the home node's confirm",
+                &["peer"],
+            ),
+            cluster_remote_deliveries_total: counter_vec(
+                "synod_cluster_remote_deliveries_total",
+                "Deliveries relayed from a queue's home node to a consumer on this node",
+                &["peer"],
+            ),
+            cluster_forward_failed_total: counter_vec(
+                "synod_cluster_forward_failed_total",
+                "Publishes not forwarded because their queue's home node was unreachable",
+                &["peer"],
+            ),
             registry,
             queue_registry,
         }

@@ -309,6 +309,8 @@ async fn join_cluster(
     durable.set_topology_in_log();
     broker.attach_durable(durable.clone());
     broker.attach_cluster(node.clone());
+    // Queues homed on other nodes are reached over the same port.
+    broker.attach_links(node.transport().clone());
     let replication = crate::replication::Replication::new(&config.node_name, node.clone());
     tokio::spawn(replication.clone().run_applier(broker.clone(), applied));
     let replay_to = node.decided_at_start();

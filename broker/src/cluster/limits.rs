@@ -28,3 +28,16 @@ pub const APPLIED_QUEUE_MAX: usize = 4_096;
 pub const READY_LAG_MAX_SLOTS: u64 = 8;
 /// Peer identities whose last message time is tracked for status.
 pub const PEERS_TRACKED_MAX: usize = 1_024;
+/// Forwarded publishes on one data link whose home-node confirm has not
+/// arrived; beyond this the publishing connection stops reading.
+pub const LINK_PUBLISHES_IN_FLIGHT_MAX: usize = 8_192;
+/// After a data link to a peer fails, operations on its queues fail at once
+/// for this long instead of redialing for every message.
+pub const LINK_RETRY_DELAY_MS: u64 = 250;
+/// Prefetch of the remote consumer behind a `no_ack` client consumer (the
+/// entry node acknowledges after writing, so the home node stays bounded).
+pub const LINK_NO_ACK_PREFETCH: u16 = 2_048;
+/// Channels of one data link (one per client channel using the peer's queues).
+pub const LINK_CHANNELS_MAX: u16 = u16::MAX;
+/// Frames queued for one data link's writer before the reader is consulted.
+pub const LINK_WRITE_BATCH_MAX: usize = 256;

@@ -8,6 +8,8 @@
 //! - [`transport`]: TCP framing, the HMAC handshake, per-peer queues.
 //! - [`storage`]: `<data-dir>/paxos/` (incarnation id, checksummed log).
 //! - [`codec`]: the byte encoding shared by transport and storage.
+//! - [`forward`]: data links to queues' home nodes (cross-node publish,
+//!   consume, get); the home side is `connection::serve_internal`.
 //!
 //! # Joining a cluster
 //!
@@ -31,6 +33,7 @@
 //! crosses the wire. Traffic after the handshake is not encrypted.
 
 pub mod codec;
+pub mod forward;
 pub mod limits;
 pub mod node;
 pub mod storage;

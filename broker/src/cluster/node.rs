@@ -167,6 +167,8 @@ pub struct ClusterNode {
     local_addr: SocketAddr,
     decided_at_start: u64,
     shutdown: watch::Sender<bool>,
+    /// Shared with the driver; the data links dial and accept through it.
+    transport: Transport,
     // The driver and the listener. Behind a mutex so that a node shared by
     // the broker (`Arc`) can still be stopped and awaited once.
     tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
@@ -253,7 +255,7 @@ impl ClusterNode {
         let driver = Driver {
             paxos,
             storage: Some(storage),
-            transport,
+            transport: transport.clone(),
             metrics,
             applied_tx,
             status_tx,
@@ -271,10 +273,17 @@ impl ClusterNode {
                 local_addr,
                 decided_at_start,
                 shutdown: shutdown_tx,
+                transport,
                 tasks: std::sync::Mutex::new(vec![task, listen_task]),
             },
             applied_rx,
         ))
+    }
+
+    /// The cluster transport: the data links (`cluster::forward`) use the
+    /// same port and handshake as Paxos traffic.
+    pub fn transport(&self) -> &Transport {
+        &self.transport
     }
 
     /// The address the cluster listener is bound to.

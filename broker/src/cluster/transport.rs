@@ -3,8 +3,13 @@
 //! and the listener. It moves encoded messages; it knows no Paxos rules.
 //!
 //! Frame: `magic "SY"`, `version: u8` (1), `kind: u8`, `len: u32 LE`, payload.
-//! Kinds: 1 hello, 2 challenge, 3 proof, 4 Paxos message. A connection is
-//! one-way after the handshake: the dialing node sends, the listener reads.
+//! Kinds: 1 hello, 2 challenge, 3 proof, 4 Paxos message, 5 data link.
+//! After the handshake the dialer's first frame declares the connection's
+//! purpose. A Paxos connection (first frame a message) is one-way: the
+//! dialing node sends, the listener reads. A data link (first frame kind 5,
+//! payload: the vhost as a codec string) stops speaking this framing: from
+//! then on both directions carry AMQP 0-9-1 frames, and the listener hands
+//! the socket to the data-link handler (`cluster::forward`).
 //!
 //! Handshake (the secret never crosses the wire):
 //! 1. dialer -> `hello`: its identity, advertised address, nonce `c`.
@@ -35,6 +40,11 @@ const KIND_HELLO: u8 = 1;
 const KIND_CHALLENGE: u8 = 2;
 const KIND_PROOF: u8 = 3;
 const KIND_MESSAGE: u8 = 4;
+const KIND_DATA_LINK: u8 = 5;
+
+/// Receives the sockets of authenticated inbound data links: the peer's
+/// node name, the vhost the link serves, and the socket (AMQP from now on).
+pub type DataLinkHandler = Arc<dyn Fn(String, String, TcpStream) + Send + Sync>;
 
 /// Why a connection failed.
 #[derive(Debug, thiserror::Error)]
@@ -118,6 +128,8 @@ struct Inner {
     addresses: Mutex<BTreeMap<String, String>>,
     outgoing: Mutex<BTreeMap<String, mpsc::Sender<Vec<u8>>>>,
     shutdown: watch::Receiver<bool>,
+    /// Where inbound data links go; absent: they are refused.
+    data_links: Mutex<Option<DataLinkHandler>>,
 }
 
 /// The cluster transport of one node.
@@ -143,6 +155,7 @@ impl Transport {
                 addresses: Mutex::new(seeds),
                 outgoing: Mutex::new(BTreeMap::new()),
                 shutdown,
+                data_links: Mutex::new(None),
             }),
         }
     }
@@ -164,6 +177,39 @@ impl Transport {
         if tx.try_send(frame).is_err() {
             tracing::trace!(peer = %name, "outgoing queue full; message dropped");
         }
+    }
+
+    /// This node's name.
+    pub fn node_name(&self) -> &str {
+        &self.inner.id.name
+    }
+
+    /// A receiver that turns true when the transport shuts down.
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.inner.shutdown.clone()
+    }
+
+    /// Hands inbound data links to `handler` from now on.
+    pub fn set_data_link_handler(&self, handler: DataLinkHandler) {
+        *self.inner.data_links.lock().expect("lock is not poisoned") = Some(handler);
+    }
+
+    /// Opens an authenticated data link to `peer` for `vhost`: after the
+    /// handshake and the purpose frame, the returned socket carries AMQP.
+    pub async fn dial_data_link(&self, peer: &str, vhost: &str) -> Result<TcpStream, Error> {
+        let addr = self
+            .inner
+            .addresses
+            .lock()
+            .expect("lock is not poisoned")
+            .get(peer)
+            .cloned()
+            .ok_or(Error::Protocol("no address known for the peer"))?;
+        let mut stream = dial(&self.inner, &addr).await?;
+        let mut w = Writer::default();
+        w.str(vhost);
+        write_frame(&mut stream, KIND_DATA_LINK, &w.buf).await?;
+        Ok(stream)
     }
 
     /// Starts accepting connections on `listener`, delivering messages to `inbox`.
@@ -251,11 +297,31 @@ async fn serve_connection(
             .insert(peer.name.clone(), advertise);
     }
     let mut shutdown = inner.shutdown.clone();
+    let mut first = true;
     loop {
         let (kind, payload) = tokio::select! {
             frame = read_frame(&mut read) => frame?,
             _ = shutdown.changed() => return Ok(()),
         };
+        if first && kind == KIND_DATA_LINK {
+            let vhost = Reader::new(&payload)
+                .str()
+                .map_err(|_| Error::Protocol("malformed data link frame"))?;
+            let handler = inner
+                .data_links
+                .lock()
+                .expect("lock is not poisoned")
+                .clone();
+            let Some(handler) = handler else {
+                return Err(Error::Protocol("this node takes no data links"));
+            };
+            let stream = read
+                .reunite(write)
+                .map_err(|_| Error::Protocol("socket halves do not match"))?;
+            handler(peer.name.clone(), vhost, stream);
+            return Ok(());
+        }
+        first = false;
         if kind != KIND_MESSAGE {
             return Err(Error::Protocol("expected a message frame"));
         }
@@ -266,7 +332,7 @@ async fn serve_connection(
     }
 }
 
-async fn dial(inner: &Inner, addr: &str) -> Result<BufWriter<TcpStream>, Error> {
+async fn dial(inner: &Inner, addr: &str) -> Result<TcpStream, Error> {
     let connect = TcpStream::connect(addr);
     let mut stream = tokio::time::timeout(Duration::from_millis(CONNECT_TIMEOUT_MS), connect)
         .await
@@ -306,7 +372,7 @@ async fn dial(inner: &Inner, addr: &str) -> Result<BufWriter<TcpStream>, Error> 
     tokio::time::timeout(Duration::from_millis(HANDSHAKE_TIMEOUT_MS), handshake)
         .await
         .map_err(|_| Error::Timeout)??;
-    Ok(BufWriter::new(stream))
+    Ok(stream)
 }
 
 async fn peer_task(inner: Arc<Inner>, name: String, mut rx: mpsc::Receiver<Vec<u8>>) {
@@ -323,9 +389,12 @@ async fn peer_task(inner: Arc<Inner>, name: String, mut rx: mpsc::Receiver<Vec<u
             .get(&name)
             .cloned();
         let connected = match addr {
-            Some(addr) => dial(&inner, &addr).await.map_err(|err| {
-                tracing::debug!(peer = %name, %addr, %err, "cluster dial failed");
-            }),
+            Some(addr) => dial(&inner, &addr)
+                .await
+                .map(BufWriter::new)
+                .map_err(|err| {
+                    tracing::debug!(peer = %name, %addr, %err, "cluster dial failed");
+                }),
             None => Err(()),
         };
         if let Ok(mut stream) = connected {
