@@ -23,7 +23,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{Hash, Hasher};
 
 use super::{
-    Ballot, Config, ConfigChange, HardState, LogEntry, Message, NodeId, Options, Paxos,
+    Ballot, Config, HardState, LogEntry, MemberRequest, Message, NodeId, Options, Paxos,
     SnapshotUpdate, SplitMix64, Stored, Value,
 };
 
@@ -201,9 +201,15 @@ pub(super) struct Sim {
     /// Every durable acceptance ever made: (slot, ballot) -> value, acceptors.
     ledger: BTreeMap<(u64, Ballot), (Value, BTreeSet<NodeId>)>,
     probes_applied: BTreeMap<Vec<u8>, BTreeSet<String>>,
+    /// Removals asked of a follower and passed to the leader, by request id.
+    removals_forwarded: BTreeMap<u64, NodeId>,
+    next_request: u64,
+    /// Every answer to a forwarded request, by request id.
+    replies_seen: BTreeMap<u64, Result<(), super::Error>>,
     /// Statistics for the report.
     pub(super) wipes: u64,
     pub(super) config_changes: u64,
+    pub(super) removals_refused: u64,
 }
 
 impl Sim {
@@ -228,8 +234,12 @@ impl Sim {
             initial_config: None,
             ledger: BTreeMap::new(),
             probes_applied: BTreeMap::new(),
+            removals_forwarded: BTreeMap::new(),
+            next_request: 0,
+            replies_seen: BTreeMap::new(),
             wipes: 0,
             config_changes: 0,
+            removals_refused: 0,
         };
         for name in &names {
             let id = sim.fresh_id(name);
@@ -409,8 +419,27 @@ impl Sim {
             for (slot, value) in &ready.committed {
                 self.apply(i, *slot, value);
             }
+            for (request, outcome) in &ready.change_replies {
+                self.on_change_reply(*request, outcome);
+            }
             if let Some(paxos) = self.nodes[i].paxos.as_mut() {
                 paxos.advance(ready);
+            }
+        }
+    }
+
+    /// A refused removal frees its victim for other faults; an accepted one
+    /// keeps it retiring (the removal is decided, or lost with a leader).
+    fn on_change_reply(&mut self, request: u64, outcome: &Result<(), super::Error>) {
+        self.replies_seen.insert(request, outcome.clone());
+        let Some(victim) = self.removals_forwarded.remove(&request) else {
+            return;
+        };
+        self.log(|| format!("the leader answers the removal of {victim}: {outcome:?}"));
+        if outcome.is_err() {
+            self.removals_refused += 1;
+            if let Some(node) = self.nodes.iter_mut().find(|n| n.id == victim) {
+                node.retiring = false;
             }
         }
     }
@@ -697,7 +726,13 @@ impl Sim {
                 .truth_config
                 .as_ref()
                 .is_some_and(|c| c.voters.len() >= 4)
-            && let Some(leader) = self.leader_index()
+            && let Some(asked) = self.random_node(|sim, n| {
+                n.paxos.is_some()
+                    && sim
+                        .truth_config
+                        .as_ref()
+                        .is_some_and(|c| c.is_member(&n.id))
+            })
         {
             let voters: Vec<NodeId> = self
                 .truth_config
@@ -708,17 +743,30 @@ impl Sim {
                 .cloned()
                 .collect();
             let victim = voters[self.rng.below(voters.len() as u64) as usize].clone();
-            let paxos = self.nodes[leader].paxos.as_mut().expect("leader runs");
-            if paxos
-                .propose_change(ConfigChange::Remove(victim.clone()))
-                .is_ok()
-            {
-                self.log(|| format!("administrator removes {victim}"));
-                if let Some(node) = self.nodes.iter_mut().find(|n| n.id == victim) {
-                    node.retiring = true;
+            // Asked of any member: the leader proposes it, a follower
+            // passes it on and hears back in `change_replies`.
+            self.next_request += 1;
+            let request = self.next_request;
+            let paxos = self.nodes[asked]
+                .paxos
+                .as_mut()
+                .expect("picked a running node");
+            let asked_id = paxos.id().clone();
+            match paxos.request_change(request, MemberRequest::Remove(victim.clone())) {
+                Ok(proposal) => {
+                    self.log(|| {
+                        format!("administrator asks {asked_id} to remove {victim}: {proposal:?}")
+                    });
+                    if let Some(node) = self.nodes.iter_mut().find(|n| n.id == victim) {
+                        node.retiring = true;
+                    }
+                    if matches!(proposal, super::Proposal::Forwarded(_)) {
+                        self.removals_forwarded.insert(request, victim);
+                    }
                 }
+                Err(err) => self.log(|| format!("{asked_id} refuses to remove {victim}: {err}")),
             }
-            self.process_ready(leader);
+            self.process_ready(asked);
         }
         if self.rng.chance(rates.add_ppm)
             && no_retiring
@@ -856,6 +904,68 @@ mod tests {
     fn simulate_5_nodes() {
         // Goal: safety after every event and liveness after healing, 5 nodes, many seeds.
         run_seeds(5);
+    }
+
+    #[test]
+    fn a_follower_passes_membership_requests_to_the_leader() {
+        // Goal: requests made on a follower reach the leader, which takes one change at a time and refuses the others with the precise reason; the accepted removal is decided at every member.
+        let mut sim = Sim::new(7, 5, false);
+        // No delay: both requests reach the leader in one tick, before
+        // either can be decided.
+        sim.rates = Rates {
+            delay_max_ticks: 0,
+            ..Rates::healed()
+        };
+        let everyone_follows = |sim: &mut Sim| {
+            sim.settled()
+                && sim.leader_index().is_some()
+                && sim
+                    .nodes
+                    .iter()
+                    .all(|n| n.paxos.as_ref().is_some_and(|p| p.leader().is_some()))
+        };
+        assert!(sim.run_until(FORM_TICKS_MAX, everyone_follows));
+        let leader = sim.leader_index().expect("waited for it");
+        let others: Vec<usize> = (0..sim.nodes.len()).filter(|i| *i != leader).collect();
+        let (asked, victims) = (others[0], [others[1], others[2]]);
+        let ghost = NodeId::new("ghost", 99);
+        let leader_name = sim.nodes[leader].id.name.clone();
+        let requests = [
+            (1, MemberRequest::Remove(sim.nodes[victims[0]].id.clone())),
+            (2, MemberRequest::Remove(sim.nodes[victims[1]].id.clone())),
+            (3, MemberRequest::Remove(ghost)),
+            (4, MemberRequest::Add(leader_name)),
+        ];
+        let paxos = sim.nodes[asked].paxos.as_mut().expect("runs");
+        for (request, change) in requests {
+            let proposal = paxos
+                .request_change(request, change)
+                .expect("a leader is known");
+            assert!(matches!(proposal, super::super::Proposal::Forwarded(_)));
+        }
+        sim.process_ready(asked);
+        assert!(sim.run_until(50, |sim| sim.replies_seen.len() == 4));
+        let replies = sim.replies_seen.clone();
+        let removed = match (&replies[&1], &replies[&2]) {
+            (Ok(()), Err(super::super::Error::ChangeInProgress)) => victims[0],
+            (Err(super::super::Error::ChangeInProgress), Ok(())) => victims[1],
+            other => panic!("not one removal taken and one refused: {other:?}"),
+        };
+        assert!(
+            matches!(&replies[&3], Err(super::super::Error::InvalidChange(_))),
+            "{replies:?}"
+        );
+        assert_eq!(replies[&4], Ok(()), "adding a voter is a no-op");
+        let gone = sim.nodes[removed].id.clone();
+        let decided_everywhere = |sim: &mut Sim| {
+            sim.nodes.iter().filter(|n| n.id != gone).all(|n| {
+                n.paxos
+                    .as_ref()
+                    .and_then(|p| p.config())
+                    .is_some_and(|c| !c.is_member(&gone) && c.voters.len() == 4)
+            })
+        };
+        assert!(sim.run_until(200, decided_everywhere));
     }
 
     #[test]
