@@ -772,3 +772,61 @@ async fn three_processes_survive_kills_partitions_and_disk_loss() {
 
     eprintln!("suite took {:?}", suite.elapsed());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_isolated_leader_steps_down_and_the_healed_cluster_converges() {
+    // Goal: a leader cut off from both followers (all its links blackholed) stops reporting ready, the two others elect a new leader and take membership changes, and after healing the old leader follows and catches up to the same decided index.
+    let suite = Instant::now();
+    let all = ["a", "b", "c"];
+    let cluster = Cluster::start(&all).await;
+    let agreed = cluster.wait_agreed(&all, &all).await;
+    let old_leader = agreed.leader().to_string();
+    let majority = others(&all, &[&old_leader]);
+
+    cluster
+        .links
+        .isolate(&old_leader, &all, Cut::Blackhole, Cut::Blackhole);
+    let cut_at = Instant::now();
+    // It hears no quorum, so it steps down rather than claim to lead.
+    let took = cluster
+        .wait_ready_status(&old_leader, StatusCode::SERVICE_UNAVAILABLE)
+        .await;
+    eprintln!("isolated leader reported not ready after {took:?}");
+    let (status, body) = cluster.remove(&old_leader, majority[0]).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    let elected = cluster.wait_agreed(&majority, &all).await;
+    assert_ne!(elected.leader(), old_leader);
+    eprintln!(
+        "the majority elected {} {:?} after the cut",
+        elected.leader(),
+        cut_at.elapsed()
+    );
+
+    // Heal: the old leader follows the new one without deposing it.
+    cluster.links.heal();
+    let healed_at = Instant::now();
+    let converged = cluster.wait_agreed(&all, &all).await;
+    assert_eq!(converged.members, agreed.members);
+    eprintln!("healed cluster converged in {:?}", healed_at.elapsed());
+
+    // It decides again with all three: a follower removes the old leader
+    // and adds it back; everyone ends on the same decided index.
+    let leader = converged.leader().to_string();
+    let follower = others(&majority, &[&leader])
+        .first()
+        .copied()
+        .unwrap_or(majority[0]);
+    let target = others(&all, &[&leader, follower])[0];
+    let (status, body) = cluster.remove(follower, target).await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    let (status, body) = cluster.add(follower, target).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let last = cluster.wait_agreed(&all, &all).await;
+    assert_eq!(
+        last.epoch,
+        converged.epoch + 3,
+        "remove, add learner, promote"
+    );
+    assert!(last.decided_index > converged.decided_index);
+    eprintln!("suite took {:?}", suite.elapsed());
+}

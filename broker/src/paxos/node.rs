@@ -480,7 +480,15 @@ impl Paxos {
     /// invitation is `Queued`: the change follows once the node asks to join.
     fn take_member_request(&mut self, change: MemberRequest) -> Result<Proposal, Error> {
         match change {
-            MemberRequest::Remove(id) => self.propose_change(ConfigChange::Remove(id)),
+            MemberRequest::Remove(id) => {
+                let change = ConfigChange::Remove(id);
+                // The same request again (a duplicate, or asked twice) is
+                // the change under way, not a conflicting one.
+                if self.is_pending(&change) {
+                    return Ok(Proposal::Queued);
+                }
+                self.propose_change(change)
+            }
             MemberRequest::Add(name) => {
                 let config = self.config.as_ref().expect("a leader has a configuration");
                 if config
@@ -946,6 +954,18 @@ impl Paxos {
     }
 
     // ----- Proposals (phase 2) -----
+
+    /// Whether `change` is proposed and not decided yet, or queued.
+    fn is_pending(&self, change: &ConfigChange) -> bool {
+        let Some(l) = &self.leadership else {
+            return false;
+        };
+        let wanted = Value::Change(change.clone());
+        l.stop_sign
+            .and_then(|slot| l.inflight.get(&slot))
+            .is_some_and(|i| i.value == wanted)
+            || l.queue.contains(&wanted)
+    }
 
     fn change_pending(&self, l: &Leadership) -> bool {
         l.stop_sign.is_some() || l.queue.iter().any(|v| matches!(v, Value::Change(_)))
