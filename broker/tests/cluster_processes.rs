@@ -809,17 +809,26 @@ async fn an_isolated_leader_steps_down_and_the_healed_cluster_converges() {
     assert_eq!(converged.members, agreed.members);
     eprintln!("healed cluster converged in {:?}", healed_at.elapsed());
 
-    // It decides again with all three: a follower removes the old leader
-    // and adds it back; everyone ends on the same decided index.
+    // It decides again with all three. A follower removes itself through
+    // its own API: told of the decision although no longer a member, it
+    // answers at once and stops reporting ready. The other follower adds
+    // it back.
     let leader = converged.leader().to_string();
-    let follower = others(&majority, &[&leader])
-        .first()
-        .copied()
-        .unwrap_or(majority[0]);
-    let target = others(&all, &[&leader, follower])[0];
-    let (status, body) = cluster.remove(follower, target).await;
+    let followers = others(&all, &[&leader]);
+    let (leaving, staying) = (followers[0], followers[1]);
+    let asked = Instant::now();
+    let (status, body) = cluster.remove(leaving, leaving).await;
     assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
-    let (status, body) = cluster.add(follower, target).await;
+    eprintln!("a follower removed itself in {:?}", asked.elapsed());
+    let outside = cluster.view(leaving).await.expect("it still answers");
+    assert!(outside.incarnation(leaving).is_none(), "{outside:?}");
+    assert_eq!(
+        cluster.ready(leaving).await,
+        Some(StatusCode::SERVICE_UNAVAILABLE)
+    );
+    let two = others(&all, &[leaving]);
+    cluster.wait_agreed(&two, &two).await;
+    let (status, body) = cluster.add(staying, leaving).await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
     let last = cluster.wait_agreed(&all, &all).await;
     assert_eq!(
@@ -829,4 +838,59 @@ async fn an_isolated_leader_steps_down_and_the_healed_cluster_converges() {
     );
     assert!(last.decided_index > converged.decided_index);
     eprintln!("suite took {:?}", suite.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_change_while_one_is_undecided_is_a_conflict() {
+    // Goal: while a removal waits for votes that cannot arrive, a second membership change is refused with 409; the accepted removal is decided by the next leader, and the cluster is whole again after healing.
+    let all = ["a", "b", "c"];
+    let cluster = Arc::new(Cluster::start(&all).await);
+    let agreed = cluster.wait_agreed(&all, &all).await;
+    let leader = agreed.leader().to_string();
+    let followers = others(&all, &[&leader]);
+
+    // The leader still reaches the followers (they keep following it and
+    // accept its proposals), but their votes never come back.
+    {
+        let mut cuts = cluster.links.cuts.lock().expect("lock");
+        for follower in &followers {
+            cuts.insert((follower.to_string(), leader.clone()), Cut::Blackhole);
+        }
+    }
+    cluster.links.notify();
+    // Both asked of the leader at once; whichever arrives second meets the
+    // first one undecided.
+    let first = {
+        let (cluster, leader, victim) = (cluster.clone(), leader.clone(), followers[0]);
+        tokio::spawn(async move { cluster.remove(&leader, victim).await })
+    };
+    let second = {
+        let (cluster, leader, victim) = (cluster.clone(), leader.clone(), followers[1]);
+        tokio::spawn(async move { cluster.remove(&leader, victim).await })
+    };
+    let first = first.await.expect("request task");
+    let second = second.await.expect("request task");
+    let (pending, refused, removed) = match (first.0, second.0) {
+        (StatusCode::CONFLICT, _) => (second, first, followers[1]),
+        (_, StatusCode::CONFLICT) => (first, second, followers[0]),
+        _ => panic!("no 409: {first:?} {second:?}"),
+    };
+    assert!(
+        refused.1["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("in progress")),
+        "{refused:?}"
+    );
+    // The other one cannot be decided while the votes are lost.
+    assert_eq!(pending.0, StatusCode::SERVICE_UNAVAILABLE, "{pending:?}");
+
+    // Heal: the followers had accepted the removal, so whoever leads next
+    // decides it.
+    cluster.links.heal();
+    let kept = others(&all, &[removed]);
+    let shrunk = cluster.wait_agreed(&kept, &kept).await;
+    assert_eq!(shrunk.epoch, agreed.epoch + 1);
+    let (status, body) = cluster.add(kept[0], removed).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    cluster.wait_agreed(&all, &all).await;
 }

@@ -178,6 +178,10 @@ pub struct Paxos {
     pending_accept: Vec<u64>,
     commit_dirty: bool,
     out_change_replies: Vec<(u64, Result<(), Error>)>,
+    /// Members whose removal this leader just decided: they get one last
+    /// `Commit`, so they learn of it (the new configuration no longer
+    /// includes them in heartbeats).
+    farewells: Vec<NodeId>,
 }
 
 impl Paxos {
@@ -240,6 +244,7 @@ impl Paxos {
             pending_accept: Vec::new(),
             commit_dirty: false,
             out_change_replies: Vec::new(),
+            farewells: Vec::new(),
             options,
         };
         // Replay the decided prefix that is actually stored; a decided index
@@ -1193,6 +1198,13 @@ impl Paxos {
                 break;
             };
             if let Value::Change(change) = &entry.value {
+                if let ConfigChange::Remove(removed) = change
+                    && *removed != self.id
+                    && self.is_leader()
+                    && self.farewells.len() < JOINS_PENDING_MAX
+                {
+                    self.farewells.push(removed.clone());
+                }
                 let config = self
                     .config
                     .as_ref()
@@ -1478,11 +1490,12 @@ impl Paxos {
         };
         let ballot = l.ballot.clone();
         let config = self.config.as_ref().expect("a leader has a configuration");
-        let targets: Vec<NodeId> = config
+        let mut targets: Vec<NodeId> = config
             .members()
             .filter(|m| **m != self.id)
             .cloned()
             .collect();
+        targets.append(&mut self.farewells);
         for to in targets {
             self.send(
                 to,
@@ -1626,6 +1639,7 @@ impl Paxos {
             self.leader = None;
         }
         self.pending_accept.clear();
+        self.farewells.clear();
         self.reset_election_deadline();
     }
 
