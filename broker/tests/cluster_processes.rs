@@ -402,6 +402,15 @@ impl Cluster {
         }
     }
 
+    /// The last log lines of each node in `names`, for failure reports.
+    fn log_tails(&self, names: &[&str]) -> String {
+        names
+            .iter()
+            .map(|n| format!("--- {n}:\n{}", self.node(n).log_tail()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     fn node(&self, name: &str) -> &Node {
         self.nodes
             .iter()
@@ -501,14 +510,10 @@ impl Cluster {
                 return first;
             }
             if Instant::now() > deadline {
-                let tails: Vec<String> = names
-                    .iter()
-                    .map(|n| format!("--- {n}:\n{}", self.node(n).log_tail()))
-                    .collect();
                 panic!(
                     "{names:?} did not agree on voters {voters:?} within {WAIT:?}; \
                      ready={all_ready}, views: {views:#?}\n{}",
-                    tails.join("\n")
+                    self.log_tails(names)
                 );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -818,7 +823,12 @@ async fn an_isolated_leader_steps_down_and_the_healed_cluster_converges() {
     let (leaving, staying) = (followers[0], followers[1]);
     let asked = Instant::now();
     let (status, body) = cluster.remove(leaving, leaving).await;
-    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    assert_eq!(
+        status,
+        StatusCode::NO_CONTENT,
+        "{body}\n{}",
+        cluster.log_tails(&all)
+    );
     eprintln!("a follower removed itself in {:?}", asked.elapsed());
     let outside = cluster.view(leaving).await.expect("it still answers");
     assert!(outside.incarnation(leaving).is_none(), "{outside:?}");

@@ -392,6 +392,11 @@ struct PendingChange {
     /// The leader moved before taking the request up: ask the new one on
     /// the next tick.
     resend: bool,
+    /// The leader took the request up; later answers (to copies) are moot.
+    answered: bool,
+    /// Ticks since the request was last sent; unanswered, it is sent again
+    /// (a connection that broke may have lost it).
+    ticks_unanswered: u64,
 }
 
 struct Driver {
@@ -549,13 +554,15 @@ impl Driver {
         let request = self.next_request;
         self.next_request = self.next_request.wrapping_add(1);
         match self.paxos.request_change(request, change.clone()) {
-            Ok(_) => self.pending_changes.push(PendingChange {
+            Ok(proposal) => self.pending_changes.push(PendingChange {
                 awaited,
                 reply,
                 deadline,
                 request,
                 change,
                 resend: false,
+                answered: !matches!(proposal, paxos::Proposal::Forwarded(_)),
+                ticks_unanswered: 0,
             }),
             Err(err) => {
                 let _ = reply.send(Err(Error::from(err)));
@@ -574,9 +581,13 @@ impl Driver {
         else {
             return;
         };
+        let c = &mut self.pending_changes[i];
+        if c.answered {
+            return;
+        }
         match outcome {
-            Ok(()) => {}
-            Err(paxos::Error::NotLeader { .. }) => self.pending_changes[i].resend = true,
+            Ok(()) => c.answered = true,
+            Err(paxos::Error::NotLeader { .. }) => c.resend = true,
             Err(err) => {
                 let c = self.pending_changes.swap_remove(i);
                 let _ = c.reply.send(Err(Error::from(err)));
@@ -619,9 +630,17 @@ impl Driver {
                 continue;
             }
             let c = &mut self.pending_changes[i];
+            c.ticks_unanswered += 1;
+            if !c.answered && c.ticks_unanswered >= self.config.election_ticks {
+                c.resend = true;
+            }
             if c.resend {
+                c.ticks_unanswered = 0;
                 match self.paxos.request_change(c.request, c.change.clone()) {
-                    Ok(_) => c.resend = false,
+                    Ok(proposal) => {
+                        c.resend = false;
+                        c.answered = !matches!(proposal, paxos::Proposal::Forwarded(_));
+                    }
                     // Still no leader to ask: keep trying until the deadline.
                     Err(paxos::Error::NoLeader | paxos::Error::NotLeader { .. }) => {}
                     Err(err) => {

@@ -486,10 +486,14 @@ impl Paxos {
     fn take_member_request(&mut self, change: MemberRequest) -> Result<Proposal, Error> {
         match change {
             MemberRequest::Remove(id) => {
+                // The same request again (a copy sent because the answer
+                // was slow, or asked twice) is the change under way or
+                // already decided, not a conflicting or invalid one.
+                let config = self.config.as_ref().expect("a leader has a configuration");
+                let removed_before =
+                    !config.is_member(&id) && self.configs.values().any(|c| c.is_member(&id));
                 let change = ConfigChange::Remove(id);
-                // The same request again (a duplicate, or asked twice) is
-                // the change under way, not a conflicting one.
-                if self.is_pending(&change) {
+                if self.is_pending(&change) || removed_before {
                     return Ok(Proposal::Queued);
                 }
                 self.propose_change(change)
