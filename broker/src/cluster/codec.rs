@@ -6,7 +6,8 @@
 //! panics on hostile input: every length is checked against what remains.
 
 use crate::paxos::{
-    Ballot, Body, Config, ConfigChange, HardState, LogEntry, Message, NodeId, Snapshot, Value,
+    Ballot, Body, Config, ConfigChange, HardState, LogEntry, MemberRequest, Message, NodeId,
+    Refusal, Snapshot, Value,
 };
 
 /// Input that does not decode.
@@ -204,6 +205,34 @@ impl Writer {
                 self.bool(*has_config);
             }
             Body::Invite => self.u8(14),
+            Body::ChangeRequest { request, change } => {
+                self.u8(15);
+                self.u64(*request);
+                match change {
+                    MemberRequest::Remove(id) => {
+                        self.u8(1);
+                        self.node_id(id);
+                    }
+                    MemberRequest::Add(name) => {
+                        self.u8(2);
+                        self.str(name);
+                    }
+                }
+            }
+            Body::ChangeReply { request, refusal } => {
+                self.u8(16);
+                self.u64(*request);
+                match refusal {
+                    None => self.u8(0),
+                    Some(Refusal::NotLeader) => self.u8(1),
+                    Some(Refusal::ChangeInProgress) => self.u8(2),
+                    Some(Refusal::Invalid(reason)) => {
+                        self.u8(3);
+                        self.str(reason);
+                    }
+                    Some(Refusal::Busy) => self.u8(4),
+                }
+            }
         }
     }
 }
@@ -401,6 +430,25 @@ impl<'a> Reader<'a> {
                 has_config: self.bool()?,
             },
             14 => Body::Invite,
+            15 => Body::ChangeRequest {
+                request: self.u64()?,
+                change: match self.u8()? {
+                    1 => MemberRequest::Remove(self.node_id()?),
+                    2 => MemberRequest::Add(self.str()?),
+                    _ => return Err(malformed("member request tag")),
+                },
+            },
+            16 => Body::ChangeReply {
+                request: self.u64()?,
+                refusal: match self.u8()? {
+                    0 => None,
+                    1 => Some(Refusal::NotLeader),
+                    2 => Some(Refusal::ChangeInProgress),
+                    3 => Some(Refusal::Invalid(self.str()?)),
+                    4 => Some(Refusal::Busy),
+                    _ => return Err(malformed("refusal tag")),
+                },
+            },
             _ => return Err(malformed("message tag")),
         };
         Ok(Message { from, to, body })
@@ -488,6 +536,34 @@ mod tests {
             Body::Join { hops: 1 },
             Body::JoinReply { has_config: true },
             Body::Invite,
+            Body::ChangeRequest {
+                request: 77,
+                change: MemberRequest::Remove(b.clone()),
+            },
+            Body::ChangeRequest {
+                request: 78,
+                change: MemberRequest::Add("c".into()),
+            },
+            Body::ChangeReply {
+                request: 77,
+                refusal: None,
+            },
+            Body::ChangeReply {
+                request: 78,
+                refusal: Some(Refusal::Invalid("no".into())),
+            },
+            Body::ChangeReply {
+                request: 79,
+                refusal: Some(Refusal::ChangeInProgress),
+            },
+            Body::ChangeReply {
+                request: 80,
+                refusal: Some(Refusal::NotLeader),
+            },
+            Body::ChangeReply {
+                request: 81,
+                refusal: Some(Refusal::Busy),
+            },
         ];
         bodies
             .into_iter()

@@ -22,6 +22,8 @@ pub const RECONNECT_BACKOFF_MAX_MS: u64 = 2_000;
 pub const COMMANDS_MAX: usize = 1_024;
 /// Proposals waiting for their decision.
 pub const PENDING_PROPOSALS_MAX: usize = 8_192;
+/// Membership changes waiting for their decision.
+pub const PENDING_CHANGES_MAX: usize = 64;
 /// Decided entries queued for the application before the driver waits.
 pub const APPLIED_QUEUE_MAX: usize = 4_096;
 /// A member this many slots behind the leader is not "caught up".

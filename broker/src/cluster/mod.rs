@@ -26,6 +26,15 @@
 //! leader removes the old incarnation, then adds the new one. A removed node
 //! stays out until `add_member` invites it again.
 //!
+//! # Membership changes from any member
+//!
+//! `add_member` and `remove_member` work on every member: a follower passes
+//! the request to the leader through Paxos (`ChangeRequest`), the leader
+//! answers whether it proposed the change (`ChangeReply`), and the
+//! requester resolves when it applies the decision from its own log. A
+//! refusal keeps its reason (change in progress, invalid change); a node
+//! that knows no leader answers at once with `NoQuorum`.
+//!
 //! # Peer authentication
 //!
 //! Both ends of every connection prove knowledge of the contents of

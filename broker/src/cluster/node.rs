@@ -15,12 +15,14 @@ use tokio::task::JoinHandle;
 use super::Error;
 use super::limits::{
     APPLIED_QUEUE_MAX, COMMANDS_MAX, INBOX_BATCH_MAX, INBOX_MESSAGES_MAX, PEERS_TRACKED_MAX,
-    PENDING_PROPOSALS_MAX, READY_LAG_MAX_SLOTS,
+    PENDING_CHANGES_MAX, PENDING_PROPOSALS_MAX, READY_LAG_MAX_SLOTS,
 };
 use super::storage::{Batch, Storage};
 use super::transport::{Transport, default_advertise};
 use crate::metrics::Metrics;
-use crate::paxos::{self, ConfigChange, NodeId, Options, Paxos, Role, SnapshotUpdate, Value};
+use crate::paxos::{
+    self, ConfigChange, MemberRequest, NodeId, Options, Paxos, Role, SnapshotUpdate, Value,
+};
 
 /// How a cluster node runs.
 #[derive(Clone, Debug)]
@@ -263,6 +265,7 @@ impl ClusterNode {
             pending_changes: Vec::new(),
             elections_counted: 0,
             last_seen: BTreeMap::new(),
+            next_request: rand::random(),
             config,
         };
         let task = tokio::spawn(driver.run(inbox_rx, commands_rx, shutdown_rx));
@@ -327,12 +330,14 @@ impl ClusterNode {
 
     /// Adds the node named `name` (it must be running, with this cluster in
     /// its seed list or having been a member); resolves once it is a voter.
+    /// Works on any member: a follower passes the request to the leader.
     pub async fn add_member(&self, name: &str) -> Result<u64, Error> {
         let name = name.to_string();
         self.request(|reply| Command::Add { name, reply }).await
     }
 
-    /// Removes the member named `name` (on the leader); resolves once decided.
+    /// Removes the member named `name`; resolves once decided. Works on any
+    /// member: a follower passes the request to the leader.
     pub async fn remove_member(&self, name: &str) -> Result<u64, Error> {
         let name = name.to_string();
         self.request(|reply| Command::Remove { name, reply }).await
@@ -399,6 +404,17 @@ struct PendingChange {
     awaited: Awaited,
     reply: oneshot::Sender<Result<u64, Error>>,
     deadline: Instant,
+    /// Id of the request in the leader's `ChangeReply`.
+    request: u64,
+    change: MemberRequest,
+    /// The leader moved before taking the request up: ask the new one on
+    /// the next tick.
+    resend: bool,
+    /// The leader took the request up; later answers (to copies) are moot.
+    answered: bool,
+    /// Ticks since the request was last sent; unanswered, it is sent again
+    /// (a connection that broke may have lost it).
+    ticks_unanswered: u64,
 }
 
 struct Driver {
@@ -413,6 +429,9 @@ struct Driver {
     elections_counted: u64,
     /// When a message from each identity last arrived (liveness for status).
     last_seen: BTreeMap<NodeId, Instant>,
+    /// Id of the next membership request; starts at a random value so that
+    /// a late reply to a request of a previous run matches nothing.
+    next_request: u64,
     config: ClusterConfig,
 }
 
@@ -515,16 +534,8 @@ impl Driver {
                     let _ = reply.send(Err(Error::UnknownMember(name)));
                     return;
                 };
-                match self.paxos.propose_change(ConfigChange::Remove(id.clone())) {
-                    Ok(_) => self.pending_changes.push(PendingChange {
-                        awaited: Awaited::Removal(id),
-                        reply,
-                        deadline,
-                    }),
-                    Err(err) => {
-                        let _ = reply.send(Err(Error::from(err)));
-                    }
-                }
+                let change = MemberRequest::Remove(id.clone());
+                self.request_change(change, Awaited::Removal(id), reply, deadline);
             }
             Command::Add { name, reply } => {
                 if self
@@ -536,19 +547,68 @@ impl Driver {
                     let _ = reply.send(Ok(self.paxos.decided()));
                     return;
                 }
-                match self.paxos.invite(&name) {
-                    Ok(()) => self.pending_changes.push(PendingChange {
-                        awaited: Awaited::VoterNamed(name),
-                        reply,
-                        deadline,
-                    }),
-                    Err(err) => {
-                        let _ = reply.send(Err(Error::from(err)));
-                    }
-                }
+                let change = MemberRequest::Add(name.clone());
+                self.request_change(change, Awaited::VoterNamed(name), reply, deadline);
             }
             Command::Compact { index, data, reply } => {
                 let _ = reply.send(self.paxos.compact(index, data).map_err(Error::from));
+            }
+        }
+    }
+
+    /// Asks the leader (this node or another) for `change`, then waits for
+    /// its decision in the log.
+    fn request_change(
+        &mut self,
+        change: MemberRequest,
+        awaited: Awaited,
+        reply: oneshot::Sender<Result<u64, Error>>,
+        deadline: Instant,
+    ) {
+        if self.pending_changes.len() >= PENDING_CHANGES_MAX {
+            let _ = reply.send(Err(Error::Busy));
+            return;
+        }
+        let request = self.next_request;
+        self.next_request = self.next_request.wrapping_add(1);
+        match self.paxos.request_change(request, change.clone()) {
+            Ok(proposal) => self.pending_changes.push(PendingChange {
+                awaited,
+                reply,
+                deadline,
+                request,
+                change,
+                resend: false,
+                answered: !matches!(proposal, paxos::Proposal::Forwarded(_)),
+                ticks_unanswered: 0,
+            }),
+            Err(err) => {
+                let _ = reply.send(Err(Error::from(err)));
+            }
+        }
+    }
+
+    /// The leader's answer to a forwarded request: taken up (wait for the
+    /// decision), refused (tell the caller why), or sent to a node that no
+    /// longer leads (ask again).
+    fn on_change_reply(&mut self, request: u64, outcome: Result<(), paxos::Error>) {
+        let Some(i) = self
+            .pending_changes
+            .iter()
+            .position(|c| c.request == request)
+        else {
+            return;
+        };
+        let c = &mut self.pending_changes[i];
+        if c.answered {
+            return;
+        }
+        match outcome {
+            Ok(()) => c.answered = true,
+            Err(paxos::Error::NotLeader { .. }) => c.resend = true,
+            Err(err) => {
+                let c = self.pending_changes.swap_remove(i);
+                let _ = c.reply.send(Err(Error::from(err)));
             }
         }
     }
@@ -579,8 +639,34 @@ impl Driver {
         while i < self.pending_changes.len() {
             if now >= self.pending_changes[i].deadline {
                 let c = self.pending_changes.swap_remove(i);
-                let _ = c.reply.send(Err(Error::Timeout));
+                let err = if has_leader {
+                    Error::Timeout
+                } else {
+                    Error::NoQuorum
+                };
+                let _ = c.reply.send(Err(err));
                 continue;
+            }
+            let c = &mut self.pending_changes[i];
+            c.ticks_unanswered += 1;
+            if !c.answered && c.ticks_unanswered >= self.config.election_ticks {
+                c.resend = true;
+            }
+            if c.resend {
+                c.ticks_unanswered = 0;
+                match self.paxos.request_change(c.request, c.change.clone()) {
+                    Ok(proposal) => {
+                        c.resend = false;
+                        c.answered = !matches!(proposal, paxos::Proposal::Forwarded(_));
+                    }
+                    // Still no leader to ask: keep trying until the deadline.
+                    Err(paxos::Error::NoLeader | paxos::Error::NotLeader { .. }) => {}
+                    Err(err) => {
+                        let c = self.pending_changes.swap_remove(i);
+                        let _ = c.reply.send(Err(Error::from(err)));
+                        continue;
+                    }
+                }
             }
             i += 1;
         }
@@ -618,6 +704,9 @@ impl Driver {
                     data: snapshot.data.clone(),
                 })
                 .await;
+        }
+        for (request, outcome) in std::mem::take(&mut ready.change_replies) {
+            self.on_change_reply(request, outcome);
         }
         for (slot, value) in std::mem::take(&mut ready.committed) {
             self.resolve(slot, &value);

@@ -71,13 +71,15 @@ pub fn is_ready(broker: &Broker) -> bool {
 }
 
 /// Adds the node `name` (running, with this cluster in its seed list);
-/// resolves once it votes.
+/// resolves once it votes. Any member takes the request; a follower passes
+/// it to the leader.
 pub async fn add_member(broker: &Broker, name: &str) -> Result<u64, Error> {
     let node = broker.cluster().ok_or_else(single_node_error)?;
     node.add_member(name).await.map_err(from_error)
 }
 
-/// Removes the member `name` from the agreed configuration.
+/// Removes the member `name` from the agreed configuration; any member
+/// takes the request.
 pub async fn remove_member(broker: &Broker, name: &str) -> Result<u64, Error> {
     let node = broker.cluster().ok_or_else(single_node_error)?;
     node.remove_member(name).await.map_err(from_error)
@@ -94,9 +96,9 @@ fn from_error(err: cluster::Error) -> Error {
     match err {
         C::UnknownMember(_) => Error::NotFound(reason),
         C::InvalidChange(_) => Error::BadRequest(reason),
-        C::ChangeInProgress => Error::Conflict(reason),
-        // Not the leader, no quorum, timeouts, a full queue or a stopped
-        // node: try again later (or on the leader).
+        C::ChangeInProgress => Error::InProgress(reason),
+        // No leader reachable, timeouts, a full queue or a stopped node:
+        // try again later.
         _ => Error::Unavailable(reason),
     }
 }
@@ -152,6 +154,14 @@ mod tests {
         assert_eq!(
             from_error(cluster::Error::InvalidChange("no".into())).status(),
             axum::http::StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            from_error(cluster::Error::ChangeInProgress).status(),
+            axum::http::StatusCode::CONFLICT
+        );
+        assert_eq!(
+            from_error(cluster::Error::NoQuorum).status(),
+            axum::http::StatusCode::SERVICE_UNAVAILABLE
         );
     }
 }

@@ -26,6 +26,10 @@ pub enum Error {
     /// A redeclaration with different properties or a refused precondition (400).
     #[error("{0}")]
     Conflict(String),
+    /// Another change of the same thing is under way, e.g. a cluster
+    /// membership change; retry once it is done (409).
+    #[error("{0}")]
+    InProgress(String),
     /// The path exists but not for this method (405).
     #[error("{0}")]
     MethodNotAllowed(String),
@@ -45,6 +49,7 @@ impl Error {
             Error::Forbidden(_) => StatusCode::FORBIDDEN,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::BadRequest(_) | Error::Conflict(_) => StatusCode::BAD_REQUEST,
+            Error::InProgress(_) => StatusCode::CONFLICT,
             Error::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Error::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -59,6 +64,7 @@ impl Error {
             Error::NotFound(_) => "Object Not Found",
             Error::BadRequest(_) => "bad_request",
             Error::Conflict(_) => "bad_request",
+            Error::InProgress(_) => "conflict",
             Error::MethodNotAllowed(_) => "method_not_allowed",
             Error::PayloadTooLarge(_) => "payload_too_large",
             Error::Unavailable(_) => "unavailable",

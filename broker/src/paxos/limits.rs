@@ -18,3 +18,5 @@ pub const JOIN_INTERVAL_TICKS: u64 = 5;
 pub const JOINS_PENDING_MAX: usize = 64;
 /// Times a `Join` is passed on towards the leader before it is dropped.
 pub const JOIN_HOPS_MAX: u8 = 3;
+/// Answers to forwarded membership requests held for one `ready()` call.
+pub const CHANGE_REPLIES_MAX: usize = 64;

@@ -36,7 +36,13 @@
 //!   one produced by the decided slots before it. One change at a time;
 //!   additions go learner first, promotion once the learner is within
 //!   [`limits::PROMOTE_LAG_MAX_SLOTS`]; a leader whose removal is decided
-//!   steps down.
+//!   steps down, and a leader that decides another member's removal sends
+//!   it one last `Commit` so that it learns it is out. Any member may ask
+//!   for a change: a follower passes it to the leader (`ChangeRequest`),
+//!   which proposes it against its own configuration and answers
+//!   (`ChangeReply`) whether it did; the requester learns the decision
+//!   itself from the log. A copy of a request for a change under way or
+//!   already decided is answered as taken up.
 //! - **Bootstrap.** A node with no stored configuration asks its seed list
 //!   (`Join`). The seed-list node with the smallest name creates the cluster
 //!   (itself as sole voter) once every other seed-list node answered that it
@@ -78,8 +84,8 @@ pub use limits::*;
 pub use node::{MemberStatus, Options, Paxos, Proposal, Role, Status};
 pub use rng::SplitMix64;
 pub use types::{
-    Ballot, Body, Config, ConfigChange, HardState, LogEntry, Message, NodeId, Ready, Snapshot,
-    SnapshotUpdate, Stored, Value,
+    Ballot, Body, Config, ConfigChange, HardState, LogEntry, MemberRequest, Message, NodeId, Ready,
+    Refusal, Snapshot, SnapshotUpdate, Stored, Value,
 };
 
 /// Errors returned to callers of the state machine.

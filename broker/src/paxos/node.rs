@@ -6,14 +6,14 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use super::Error;
 use super::limits::{
-    CATCH_UP_ENTRIES_MAX, CATCH_UP_RETRY_TICKS, JOIN_HOPS_MAX, JOIN_INTERVAL_TICKS,
-    JOINS_PENDING_MAX, PROMOTE_LAG_MAX_SLOTS, PROPOSAL_QUEUE_MAX, PROPOSALS_IN_FLIGHT_MAX,
-    RESEND_ENTRIES_MAX,
+    CATCH_UP_ENTRIES_MAX, CATCH_UP_RETRY_TICKS, CHANGE_REPLIES_MAX, JOIN_HOPS_MAX,
+    JOIN_INTERVAL_TICKS, JOINS_PENDING_MAX, PROMOTE_LAG_MAX_SLOTS, PROPOSAL_QUEUE_MAX,
+    PROPOSALS_IN_FLIGHT_MAX, RESEND_ENTRIES_MAX,
 };
 use super::rng::SplitMix64;
 use super::types::{
-    Ballot, Body, Config, ConfigChange, HardState, LogEntry, Message, NodeId, Ready, Snapshot,
-    SnapshotUpdate, Stored, Value,
+    Ballot, Body, Config, ConfigChange, HardState, LogEntry, MemberRequest, Message, NodeId, Ready,
+    Refusal, Snapshot, SnapshotUpdate, Stored, Value,
 };
 
 /// How a node is set up. Times are in ticks; the caller decides how long a tick is.
@@ -177,6 +177,11 @@ pub struct Paxos {
     hard_dirty: bool,
     pending_accept: Vec<u64>,
     commit_dirty: bool,
+    out_change_replies: Vec<(u64, Result<(), Error>)>,
+    /// Members whose removal this leader just decided: they get one last
+    /// `Commit`, so they learn of it (the new configuration no longer
+    /// includes them in heartbeats).
+    farewells: Vec<NodeId>,
 }
 
 impl Paxos {
@@ -238,6 +243,8 @@ impl Paxos {
             hard_dirty: false,
             pending_accept: Vec::new(),
             commit_dirty: false,
+            out_change_replies: Vec::new(),
+            farewells: Vec::new(),
             options,
         };
         // Replay the decided prefix that is actually stored; a decided index
@@ -377,6 +384,25 @@ impl Paxos {
                     let _ = self.propose_value(Value::Command(data));
                 }
             }
+            Body::ChangeRequest { request, change } => {
+                let refusal = if self.is_leader() {
+                    self.take_member_request(change).err().map(Refusal::from)
+                } else {
+                    Some(Refusal::NotLeader)
+                };
+                self.send(from, Body::ChangeReply { request, refusal });
+            }
+            Body::ChangeReply { request, refusal } => {
+                let outcome = match refusal {
+                    None => Ok(()),
+                    Some(refusal) => Err(refusal.into_error(self.leader.clone())),
+                };
+                // Bounded like the inbox: replies only answer requests this
+                // node sent, and the caller drains them with every `ready`.
+                if self.out_change_replies.len() < CHANGE_REPLIES_MAX {
+                    self.out_change_replies.push((request, outcome));
+                }
+            }
             Body::Join { hops } => self.on_join(from, hops),
             Body::JoinReply { has_config } => self.on_join_reply(from, has_config),
             Body::Invite => {
@@ -418,14 +444,73 @@ impl Paxos {
                 leader: self.leader.clone(),
             });
         };
-        if self.change_pending(l) {
-            return Err(Error::ChangeInProgress);
-        }
+        // A change that can never apply says so before one that must wait.
         self.config
             .as_ref()
             .expect("a leader has a configuration")
             .check(&change)?;
+        if self.change_pending(l) {
+            return Err(Error::ChangeInProgress);
+        }
         self.propose_value(Value::Change(change))
+    }
+
+    /// Asks for a membership change from any member. The leader takes it up
+    /// at once (see [`Paxos::propose_change`] and [`Paxos::invite`]); a
+    /// follower passes it to the leader it follows and returns
+    /// `Forwarded`: the leader's answer comes back in
+    /// [`Ready::change_replies`] under `request`, and the decision, if any,
+    /// in the log. Without a known leader: `NoLeader`.
+    pub fn request_change(
+        &mut self,
+        request: u64,
+        change: MemberRequest,
+    ) -> Result<Proposal, Error> {
+        if !self.config.as_ref().is_some_and(|c| c.is_member(&self.id)) {
+            return Err(Error::NotMember);
+        }
+        if self.is_leader() {
+            return self.take_member_request(change);
+        }
+        match self.leader.clone() {
+            Some(leader) if leader != self.id => {
+                self.send(leader.clone(), Body::ChangeRequest { request, change });
+                Ok(Proposal::Forwarded(leader))
+            }
+            _ => Err(Error::NoLeader),
+        }
+    }
+
+    /// The leader's side of a member request, local or forwarded. An
+    /// invitation is `Queued`: the change follows once the node asks to join.
+    fn take_member_request(&mut self, change: MemberRequest) -> Result<Proposal, Error> {
+        match change {
+            MemberRequest::Remove(id) => {
+                // The same request again (a copy sent because the answer
+                // was slow, or asked twice) is the change under way or
+                // already decided, not a conflicting or invalid one.
+                let config = self.config.as_ref().expect("a leader has a configuration");
+                let removed_before =
+                    !config.is_member(&id) && self.configs.values().any(|c| c.is_member(&id));
+                let change = ConfigChange::Remove(id);
+                if self.is_pending(&change) || removed_before {
+                    return Ok(Proposal::Queued);
+                }
+                self.propose_change(change)
+            }
+            MemberRequest::Add(name) => {
+                let config = self.config.as_ref().expect("a leader has a configuration");
+                if config
+                    .member_named(&name)
+                    .is_some_and(|id| config.is_voter(id))
+                {
+                    // Already a voter: nothing to change, and the requester
+                    // sees it in its configuration.
+                    return Ok(Proposal::Queued);
+                }
+                self.invite(&name).map(|()| Proposal::Queued)
+            }
+        }
     }
 
     /// Asks the node running under `name` to join (leader only). Useful for
@@ -489,6 +574,7 @@ impl Paxos {
             || self.applied < self.decided
             || !self.pending_accept.is_empty()
             || self.commit_dirty
+            || !self.out_change_replies.is_empty()
     }
 
     /// Takes the output accumulated since the last call. See [`Ready`] for
@@ -517,6 +603,7 @@ impl Paxos {
             }),
             messages: std::mem::take(&mut self.out_messages),
             committed,
+            change_replies: std::mem::take(&mut self.out_change_replies),
         }
     }
 
@@ -877,6 +964,18 @@ impl Paxos {
 
     // ----- Proposals (phase 2) -----
 
+    /// Whether `change` is proposed and not decided yet, or queued.
+    fn is_pending(&self, change: &ConfigChange) -> bool {
+        let Some(l) = &self.leadership else {
+            return false;
+        };
+        let wanted = Value::Change(change.clone());
+        l.stop_sign
+            .and_then(|slot| l.inflight.get(&slot))
+            .is_some_and(|i| i.value == wanted)
+            || l.queue.contains(&wanted)
+    }
+
     fn change_pending(&self, l: &Leadership) -> bool {
         l.stop_sign.is_some() || l.queue.iter().any(|v| matches!(v, Value::Change(_)))
     }
@@ -1103,6 +1202,13 @@ impl Paxos {
                 break;
             };
             if let Value::Change(change) = &entry.value {
+                if let ConfigChange::Remove(removed) = change
+                    && *removed != self.id
+                    && self.is_leader()
+                    && self.farewells.len() < JOINS_PENDING_MAX
+                {
+                    self.farewells.push(removed.clone());
+                }
                 let config = self
                     .config
                     .as_ref()
@@ -1388,11 +1494,12 @@ impl Paxos {
         };
         let ballot = l.ballot.clone();
         let config = self.config.as_ref().expect("a leader has a configuration");
-        let targets: Vec<NodeId> = config
+        let mut targets: Vec<NodeId> = config
             .members()
             .filter(|m| **m != self.id)
             .cloned()
             .collect();
+        targets.append(&mut self.farewells);
         for to in targets {
             self.send(
                 to,
@@ -1536,6 +1643,7 @@ impl Paxos {
             self.leader = None;
         }
         self.pending_accept.clear();
+        self.farewells.clear();
         self.reset_election_deadline();
     }
 
@@ -1550,5 +1658,30 @@ impl Paxos {
             to,
             body,
         });
+    }
+}
+
+impl From<Error> for Refusal {
+    fn from(err: Error) -> Refusal {
+        match err {
+            Error::ChangeInProgress => Refusal::ChangeInProgress,
+            Error::Busy => Refusal::Busy,
+            Error::InvalidChange(reason) => Refusal::Invalid(reason),
+            Error::NotLeader { .. } | Error::NoLeader | Error::NotMember => Refusal::NotLeader,
+            err @ Error::Compact { .. } => Refusal::Invalid(err.to_string()),
+        }
+    }
+}
+
+impl Refusal {
+    /// The error a requester reports for this refusal; `leader` is the
+    /// leader it follows now.
+    fn into_error(self, leader: Option<NodeId>) -> Error {
+        match self {
+            Refusal::NotLeader => Error::NotLeader { leader },
+            Refusal::ChangeInProgress => Error::ChangeInProgress,
+            Refusal::Invalid(reason) => Error::InvalidChange(reason),
+            Refusal::Busy => Error::Busy,
+        }
     }
 }

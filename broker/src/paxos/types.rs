@@ -71,6 +71,30 @@ pub enum ConfigChange {
     Remove(NodeId),
 }
 
+/// A membership change a member asks the leader for on behalf of its
+/// management API: the leader turns it into a [`ConfigChange`] (or an
+/// invitation) checked against its own configuration.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum MemberRequest {
+    /// Remove this member.
+    Remove(NodeId),
+    /// Invite the node running under this name to join (learner, then voter).
+    Add(String),
+}
+
+/// Why a leader did not take up a forwarded [`MemberRequest`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// The receiver is not the leader (any more).
+    NotLeader,
+    /// Another configuration change is not decided yet.
+    ChangeInProgress,
+    /// The change does not apply to the leader's configuration.
+    Invalid(String),
+    /// The leader's queues are full.
+    Busy,
+}
+
 /// The value of one log slot.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Value {
@@ -331,6 +355,21 @@ pub enum Body {
     },
     /// The leader asks a named node outside the configuration to join.
     Invite,
+    /// A member passes a membership change to the leader.
+    ChangeRequest {
+        /// The requester's id for this request, echoed in the reply.
+        request: u64,
+        /// What to change.
+        change: MemberRequest,
+    },
+    /// The leader's answer to `ChangeRequest`: taken up (the requester then
+    /// learns the decision from the log) or refused.
+    ChangeReply {
+        /// The request answered.
+        request: u64,
+        /// `None` when the leader proposed the change (or the invitation).
+        refusal: Option<Refusal>,
+    },
 }
 
 impl Body {
@@ -351,6 +390,8 @@ impl Body {
             Body::Join { .. } => "join",
             Body::JoinReply { .. } => "join_reply",
             Body::Invite => "invite",
+            Body::ChangeRequest { .. } => "change_request",
+            Body::ChangeReply { .. } => "change_reply",
         }
     }
 }
@@ -390,6 +431,10 @@ pub struct Ready {
     pub messages: Vec<Message>,
     /// Newly decided slots, in order, without gaps.
     pub committed: Vec<(u64, Value)>,
+    /// Answers to this node's forwarded membership requests, by request id:
+    /// `Ok` when the leader proposed the change (its decision arrives in
+    /// `committed`, at this node too), else why not.
+    pub change_replies: Vec<(u64, Result<(), super::Error>)>,
 }
 
 impl Ready {
@@ -400,7 +445,10 @@ impl Ready {
 
     /// Whether the batch is empty.
     pub fn is_empty(&self) -> bool {
-        !self.must_persist() && self.messages.is_empty() && self.committed.is_empty()
+        !self.must_persist()
+            && self.messages.is_empty()
+            && self.committed.is_empty()
+            && self.change_replies.is_empty()
     }
 }
 
