@@ -343,3 +343,101 @@ async fn balanced_queues_spread_over_the_members_and_a_named_home_is_honoured() 
     let unknown = put("zulu").await.expect("PUT");
     assert_eq!(unknown.status(), StatusCode::BAD_REQUEST);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_subscribe_through_a_fanout_exchange_across_three_nodes() {
+    // Goal: the classic `logs` example spread over the cluster: a publisher
+    // on alpha, one subscriber on bravo and one on charlie, each with its
+    // own exclusive server-named queue; both subscribers get every message,
+    // in order, and the publisher's confirms all arrive.
+    let cluster = Cluster::start("pubsub", &NAMES).await;
+    let mut subscribers = Vec::new();
+    for i in [1, 2] {
+        let conn = cluster.connect(i).await;
+        let ch = conn.create_channel().await.expect("channel");
+        ch.exchange_declare(
+            "logs".into(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("declare logs");
+        let queue = ch
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("server-named queue");
+        ch.queue_bind(
+            queue.name().clone(),
+            "logs".into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind");
+        let consumer = ch
+            .basic_consume(
+                queue.name().clone(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume");
+        subscribers.push((conn, ch, consumer));
+    }
+    // The publisher's node must know both bindings before it routes.
+    let node = &cluster;
+    node.wait_until("alpha knows both bindings", || async move {
+        node.get(0, "/api/exchanges/%2f/logs/bindings/source")
+            .await
+            .1
+            .as_array()
+            .is_some_and(|b| b.len() == 2)
+    })
+    .await;
+    let publisher = cluster.connect(0).await;
+    let ch = publisher.create_channel().await.expect("channel");
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    let mut confirms = Vec::new();
+    for i in 0..100u32 {
+        confirms.push(
+            ch.basic_publish(
+                "logs".into(),
+                "".into(),
+                BasicPublishOptions::default(),
+                format!("log line {i}").as_bytes(),
+                BasicProperties::default(),
+            )
+            .await
+            .expect("publish"),
+        );
+    }
+    for confirm in confirms {
+        let confirmation = confirm.await.expect("confirmed");
+        assert!(confirmation.is_ack(), "{confirmation:?}");
+    }
+    for (_, _, consumer) in &mut subscribers {
+        for i in 0..100u32 {
+            let delivery = tokio::time::timeout(WAIT, consumer.next())
+                .await
+                .expect("a delivery in time")
+                .expect("stream open")
+                .expect("delivery");
+            assert_eq!(delivery.data, format!("log line {i}").as_bytes());
+        }
+    }
+}
