@@ -104,19 +104,45 @@ impl Cluster {
         &mut self.nodes[index(name)]
     }
 
-    /// Applies `command` on every running node, as the replicated log will.
-    fn execute_everywhere(&self, command: Command) {
+    /// Decides `command` through the cluster's log (proposed on the first
+    /// running node) and waits until every running node has applied it.
+    async fn execute_everywhere(&self, command: Command) {
+        let queue = match &command {
+            Command::DeclareQueue { queue, .. } => Some(queue.name.clone()),
+            _ => None,
+        };
+        // The nodes form the cluster after they start: wait until every
+        // running node is a ready member before proposing.
+        let deadline = Instant::now() + WAIT;
         for node in &self.nodes {
             if let Some(broker) = &node.broker {
-                broker
-                    .broker
-                    .execute(command.clone())
-                    .expect("command applies");
+                while !broker.broker.cluster().is_some_and(|c| c.status().ready) {
+                    assert!(Instant::now() < deadline, "the cluster did not form");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+        let first = self
+            .nodes
+            .iter()
+            .find_map(|n| n.broker.as_ref())
+            .expect("a running node");
+        within(first.broker.submit(command))
+            .await
+            .expect("command decided and applied");
+        let Some(name) = queue else { return };
+        let deadline = Instant::now() + WAIT;
+        for node in &self.nodes {
+            if let Some(broker) = &node.broker {
+                while broker.broker.queue_def("/", &name).is_none() {
+                    assert!(Instant::now() < deadline, "{name} not applied everywhere");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
             }
         }
     }
 
-    fn declare_queue(&self, name: &str, home: &str, durable: bool) {
+    async fn declare_queue(&self, name: &str, home: &str, durable: bool) {
         self.execute_everywhere(Command::DeclareQueue {
             vhost: "/".into(),
             queue: QueueDef {
@@ -127,7 +153,8 @@ impl Cluster {
                 arguments: FieldTable::default(),
                 home_node: home.into(),
             },
-        });
+        })
+        .await;
     }
 
     async fn shutdown(mut self) {
@@ -248,7 +275,7 @@ async fn wait_counts(node: &Node, queue: &str, ready: u64, unacked: u64) {
 async fn published_on_one_node_consumed_on_another_exactly_once_in_order() {
     // Goal: a queue homed on a, published to through b with confirms and consumed through c, delivers every message once, in order.
     let cluster = Cluster::start("order").await;
-    cluster.declare_queue("orders", "a", false);
+    cluster.declare_queue("orders", "a", false).await;
     assert!(
         cluster
             .node("b")
@@ -338,7 +365,7 @@ async fn published_on_one_node_consumed_on_another_exactly_once_in_order() {
 async fn get_declare_purge_and_settling_work_across_nodes() {
     // Goal: basic.get (and get-empty), passive declare counts, nack-requeue, reject, multiple ack and purge reach the home node.
     let cluster = Cluster::start("get").await;
-    cluster.declare_queue("jobs", "a", false);
+    cluster.declare_queue("jobs", "a", false).await;
     let publisher = cluster.node("b").connect().await;
     let pub_channel = confirm_channel(&publisher).await;
     for i in 0..5 {
@@ -402,7 +429,7 @@ async fn get_declare_purge_and_settling_work_across_nodes() {
 async fn prefetch_bounds_remote_deliveries_and_cancel_requeues() {
     // Goal: with prefetch 1 and no ack only one message reaches the remote consumer; cancel and channel close give it back.
     let cluster = Cluster::start("prefetch").await;
-    cluster.declare_queue("slow", "a", false);
+    cluster.declare_queue("slow", "a", false).await;
     let publisher = cluster.node("b").connect().await;
     let pub_channel = confirm_channel(&publisher).await;
     for i in 0..3 {
@@ -452,7 +479,7 @@ async fn prefetch_bounds_remote_deliveries_and_cancel_requeues() {
 async fn losing_the_home_node_cancels_consumers_and_nacks_until_it_returns() {
     // Goal: when a goes away the consumer on c is cancelled and confirms on b are nacks; after a restarts its durable queue serves again.
     let mut cluster = Cluster::start("failover").await;
-    cluster.declare_queue("durable-q", "a", true);
+    cluster.declare_queue("durable-q", "a", true).await;
     let publisher = cluster.node("b").connect().await;
     let pub_channel = confirm_channel(&publisher).await;
     assert!(publish_confirmed(&pub_channel, "durable-q", b"before", true).await);
@@ -559,8 +586,8 @@ async fn losing_the_home_node_cancels_consumers_and_nacks_until_it_returns() {
 async fn cross_node_throughput_against_single_node() {
     // Goal: measure publish->consume throughput through b and c to a queue on a, against the same on one node.
     let cluster = Cluster::start("throughput").await;
-    cluster.declare_queue("local", "a", false);
-    cluster.declare_queue("remote", "a", false);
+    cluster.declare_queue("local", "a", false).await;
+    cluster.declare_queue("remote", "a", false).await;
     let n = 50_000;
     let single = measure(cluster.node("a"), cluster.node("a"), "local", n).await;
     let cross = measure(cluster.node("b"), cluster.node("c"), "remote", n).await;
@@ -641,7 +668,7 @@ async fn measure(publish_on: &Node, consume_on: &Node, queue: &'static str, n: u
 async fn targeted_publishes_and_data_links_need_the_cluster() {
     // Goal: a client cannot send a targeted publish (540, nothing enqueued), and a data link with a wrong secret is refused.
     let cluster = Cluster::start("refuse").await;
-    cluster.declare_queue("guarded", "a", false);
+    cluster.declare_queue("guarded", "a", false).await;
     let conn = cluster.node("a").connect().await;
     let ch = within(conn.create_channel()).await.expect("channel");
     let mut body = vec![0u8, 1, 7];
