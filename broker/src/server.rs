@@ -163,9 +163,8 @@ async fn serve_http(mut running: RunningBroker, config: &Config) -> Result<Runni
         stop,
     )));
     let scheme = if https.is_some() { "https" } else { "http" };
-    tracing::info!(
-        "management API on {scheme}://{mgmt_addr}, metrics on {scheme}://{metrics_addr}"
-    );
+    // Scripts and tests read the addresses from this line: keep them bare.
+    tracing::info!("management API on {mgmt_addr}, metrics on {metrics_addr} ({scheme})");
     running.mgmt_addr = Some(mgmt_addr);
     running.metrics_addr = Some(metrics_addr);
     Ok(running)

@@ -201,8 +201,8 @@ impl Cluster {
         (status, response.json().await.unwrap_or(Value::Null))
     }
 
-    /// Waits until `nodes` are all ready and report the same leader, with
-    /// exactly the seed-list voters of `nodes`... and returns the leader.
+    /// Waits until `nodes` are all ready, each sees every node of the
+    /// cluster as a voter, and all report the same leader; returns it.
     pub async fn wait_agreed(&self, nodes: &[usize]) -> String {
         let deadline = Instant::now() + WAIT;
         loop {
@@ -211,7 +211,10 @@ impl Cluster {
             for &i in nodes {
                 let (status, _) = self.get(i, "/api/cluster/ready").await;
                 let (_, view) = self.get(i, "/api/cluster").await;
-                ready &= status == StatusCode::OK;
+                let voters = view["members"]
+                    .as_array()
+                    .map_or(0, |m| m.iter().filter(|m| m["role"] == "voter").count());
+                ready &= status == StatusCode::OK && voters == self.nodes.len();
                 leaders.push(view["leader"].as_str().map(str::to_string));
             }
             if ready && leaders[0].is_some() && leaders.windows(2).all(|p| p[0] == p[1]) {
