@@ -420,11 +420,17 @@ impl Broker {
                     .queues
                     .get(vhost_name)
                     .is_some_and(|qs| qs.contains_key(&def.name));
-                if def.home_node == self.settings.node_name
-                    && !exists
-                    && let Some(queue) = self.runtime_queue(vhost_name, def.clone())
-                {
-                    created.push((vhost_name.clone(), queue));
+                if def.home_node != self.settings.node_name || exists {
+                    continue;
+                }
+                match QueueArgs::parse(&def.arguments) {
+                    Ok(args) => created.push((
+                        vhost_name.clone(),
+                        self.runtime_queue(vhost_name, def.clone(), args),
+                    )),
+                    Err(err) => {
+                        tracing::warn!(%err, queue = %def.name, "queue arguments do not parse");
+                    }
                 }
             }
         }
@@ -490,14 +496,7 @@ impl Broker {
             .cloned()
     }
 
-    fn runtime_queue(&self, vhost: &str, def: QueueDef) -> Option<Arc<Queue>> {
-        let args = match QueueArgs::parse(&def.arguments) {
-            Ok(args) => args,
-            Err(err) => {
-                tracing::warn!(%err, queue = %def.name, "queue arguments do not parse");
-                return None;
-            }
-        };
+    fn runtime_queue(&self, vhost: &str, def: QueueDef, args: QueueArgs) -> Arc<Queue> {
         let queue = Queue::new(
             vhost,
             def,
@@ -508,7 +507,7 @@ impl Broker {
         if let Some(durable) = self.durable() {
             durable.attach(&queue);
         }
-        Some(queue)
+        queue
     }
 
     fn cancel_consumers_of(&self, removed: Vec<Arc<Queue>>) {
@@ -574,13 +573,13 @@ impl Broker {
     /// Applies a metadata command and brings the runtime queues in line.
     /// The single entry point for every topology change.
     pub fn execute(&self, command: Command) -> Result<Outcome, MetaError> {
-        let mut new_queue = None;
-        if let Command::DeclareQueue { queue, .. } = &command {
-            let args = QueueArgs::parse(&queue.arguments).map_err(MetaError::PreconditionFailed)?;
-            new_queue = Some(args);
-        }
-        let vhost_of_declare = match &command {
-            Command::DeclareQueue { vhost, queue } => Some((vhost.clone(), queue.clone())),
+        // A queue's arguments are checked before anything changes.
+        let declared = match &command {
+            Command::DeclareQueue { vhost, queue } => {
+                let args =
+                    QueueArgs::parse(&queue.arguments).map_err(MetaError::PreconditionFailed)?;
+                Some((vhost.clone(), queue.clone(), args))
+            }
             _ => None,
         };
         let mut state = self.write();
@@ -591,11 +590,11 @@ impl Broker {
         let snapshot = durable.map(|d| d.snapshot(&state.meta));
         // Only the home node holds a queue's messages; the others know its
         // definition from the metadata.
-        if let (Some(_), Some((vhost, def))) = (new_queue, vhost_of_declare)
+        if let Some((vhost, def, args)) = declared
             && outcome.created
             && def.home_node == self.settings.node_name
-            && let Some(queue) = self.runtime_queue(&vhost, def)
         {
+            let queue = self.runtime_queue(&vhost, def, args);
             state
                 .queues
                 .entry(vhost)

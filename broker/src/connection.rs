@@ -895,6 +895,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         }
     }
 
+    /// [`Connection::execute_then`] for the common case: once the change
+    /// applied, answer with `reply` unless the client asked for `nowait`.
+    fn execute_then_reply(
+        &mut self,
+        channel_id: u16,
+        command: Command,
+        nowait: bool,
+        reply: AMQPClass,
+    ) -> Result<(), AmqpError> {
+        self.execute_then(channel_id, command, move |conn, result| {
+            result.map_err(meta_error)?;
+            if !nowait {
+                conn.send_method(channel_id, reply);
+            }
+            Ok(())
+        })
+    }
+
     /// Finishes the deferred change with its outcome.
     fn resume(&mut self, outcome: Result<Outcome, MetaError>) {
         let Some(deferred) = self.deferred.take() else {
@@ -2365,19 +2383,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                             arguments: declare.arguments,
                         },
                     };
-                    let nowait = declare.nowait;
-                    return self.execute_then(channel_id, command, move |conn, result| {
-                        result.map_err(meta_error)?;
-                        if !nowait {
-                            conn.send_method(
-                                channel_id,
-                                AMQPClass::Exchange(exchange::AMQPMethod::DeclareOk(
-                                    exchange::DeclareOk {},
-                                )),
-                            );
-                        }
-                        Ok(())
-                    });
+                    return self.execute_then_reply(
+                        channel_id,
+                        command,
+                        declare.nowait,
+                        AMQPClass::Exchange(exchange::AMQPMethod::DeclareOk(
+                            exchange::DeclareOk {},
+                        )),
+                    );
                 }
                 if !declare.nowait {
                     self.send_method(
@@ -2441,17 +2454,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                     bind.arguments,
                     true,
                 )?;
-                let nowait = bind.nowait;
-                self.execute_then(channel_id, command, move |conn, result| {
-                    result.map_err(meta_error)?;
-                    if !nowait {
-                        conn.send_method(
-                            channel_id,
-                            AMQPClass::Exchange(exchange::AMQPMethod::BindOk(exchange::BindOk {})),
-                        );
-                    }
-                    Ok(())
-                })
+                self.execute_then_reply(
+                    channel_id,
+                    command,
+                    bind.nowait,
+                    AMQPClass::Exchange(exchange::AMQPMethod::BindOk(exchange::BindOk {})),
+                )
             }
             exchange::AMQPMethod::Unbind(unbind) => {
                 let command = self.exchange_binding(
@@ -2461,19 +2469,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                     unbind.arguments,
                     false,
                 )?;
-                let nowait = unbind.nowait;
-                self.execute_then(channel_id, command, move |conn, result| {
-                    result.map_err(meta_error)?;
-                    if !nowait {
-                        conn.send_method(
-                            channel_id,
-                            AMQPClass::Exchange(exchange::AMQPMethod::UnbindOk(
-                                exchange::UnbindOk {},
-                            )),
-                        );
-                    }
-                    Ok(())
-                })
+                self.execute_then_reply(
+                    channel_id,
+                    command,
+                    unbind.nowait,
+                    AMQPClass::Exchange(exchange::AMQPMethod::UnbindOk(exchange::UnbindOk {})),
+                )
             }
             _ => Err(AmqpError::new(
                 reply::COMMAND_INVALID,
@@ -2538,17 +2539,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                         arguments: bind.arguments,
                     },
                 };
-                let nowait = bind.nowait;
-                self.execute_then(channel_id, command, move |conn, result| {
-                    result.map_err(meta_error)?;
-                    if !nowait {
-                        conn.send_method(
-                            channel_id,
-                            AMQPClass::Queue(amqp_queue::AMQPMethod::BindOk(amqp_queue::BindOk {})),
-                        );
-                    }
-                    Ok(())
-                })
+                self.execute_then_reply(
+                    channel_id,
+                    command,
+                    bind.nowait,
+                    AMQPClass::Queue(amqp_queue::AMQPMethod::BindOk(amqp_queue::BindOk {})),
+                )
             }
             amqp_queue::AMQPMethod::Unbind(unbind) => {
                 let queue = unbind.queue.as_str();
@@ -2564,14 +2560,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                         arguments: unbind.arguments,
                     },
                 };
-                self.execute_then(channel_id, command, move |conn, result| {
-                    result.map_err(meta_error)?;
-                    conn.send_method(
-                        channel_id,
-                        AMQPClass::Queue(amqp_queue::AMQPMethod::UnbindOk(amqp_queue::UnbindOk {})),
-                    );
-                    Ok(())
-                })
+                self.execute_then_reply(
+                    channel_id,
+                    command,
+                    false,
+                    AMQPClass::Queue(amqp_queue::AMQPMethod::UnbindOk(amqp_queue::UnbindOk {})),
+                )
             }
             amqp_queue::AMQPMethod::Purge(purge) => {
                 let name = purge.queue.as_str();
