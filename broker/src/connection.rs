@@ -2695,6 +2695,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
             if outcome.created && declare.exclusive {
                 conn.exclusive_queues.push(name.clone());
             }
+            if outcome.created {
+                // Just created: empty and unconsumed wherever its home is,
+                // and a remote home may not have applied it yet to ask.
+                conn.send_declare_ok(channel_id, &declare, &name, 0, 0);
+                return Ok(());
+            }
             let queue = conn.lookup_queue(&name)?;
             conn.declare_ok(channel_id, &declare, &name, queue)
         })
