@@ -81,6 +81,10 @@ async fn install_crds(client: &Client) {
 }
 
 fn spawn_operator(client: Client) -> tokio::sync::watch::Sender<bool> {
+    spawn_operator_in(client, NAMESPACE)
+}
+
+fn spawn_operator_in(client: Client, namespace: &str) -> tokio::sync::watch::Sender<bool> {
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let shutdown = futures::FutureExt::shared(Box::pin(async move {
         let _ = stop_rx.wait_for(|stop| *stop).await;
@@ -99,7 +103,7 @@ fn spawn_operator(client: Client) -> tokio::sync::watch::Sender<bool> {
         Metrics::new(),
         settings,
         Some("real-brokers-test".into()),
-        Some(NAMESPACE.to_string()),
+        Some(namespace.to_string()),
         shutdown,
     ));
     stop_tx
@@ -483,6 +487,163 @@ async fn topology_reaches_a_real_broker_and_an_unresponsive_broker_is_reported()
         StatusCode::OK
     );
     eprintln!("recovered after {:?}", started.elapsed());
+
+    let _ = stop.send(true);
+    kubelet.stop().await;
+}
+
+/// A CA and a broker certificate for every pod of `cluster` in `namespace`
+/// (the wildcard DNS name a cert-manager Certificate would hold), as the
+/// `tls.crt`, `tls.key` and `ca.crt` of a TLS Secret.
+fn cluster_certificates(cluster: &str, namespace: &str) -> [(String, String); 3] {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, KeyUsagePurpose,
+    };
+    let ca_key = KeyPair::generate().expect("CA key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "synod-operator-test-ca");
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca_pem = ca_params
+        .self_signed(&ca_key)
+        .expect("CA certificate")
+        .pem();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().expect("broker key");
+    let mut params = CertificateParams::new(vec![
+        format!("*.{cluster}-nodes.{namespace}.svc"),
+        format!("{cluster}.{namespace}.svc"),
+    ])
+    .expect("broker params");
+    params.distinguished_name.push(DnType::CommonName, cluster);
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let cert = params.signed_by(&key, &issuer).expect("broker certificate");
+    [
+        ("tls.crt".into(), cert.pem()),
+        ("tls.key".into(), key.serialize_pem()),
+        ("ca.crt".into(), ca_pem),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_cluster_is_managed_over_verified_https() {
+    // Goal: with spec.tls the operator reaches the brokers over HTTPS, trusting only the Secret's CA and checking the pod's DNS name, so the cluster and its topology become Ready.
+    const TLS_NAMESPACE: &str = "secure";
+    synod_operator::install_crypto_provider();
+    let env = EnvTest::start().await.unwrap_or_else(|err| panic!("{err}"));
+    let client = env.client();
+    install_crds(&client).await;
+    Api::<Namespace>::all(client.clone())
+        .create(
+            &PostParams::default(),
+            &Namespace {
+                metadata: ObjectMeta {
+                    name: Some(TLS_NAMESPACE.into()),
+                    ..ObjectMeta::default()
+                },
+                ..Namespace::default()
+            },
+        )
+        .await
+        .expect("create namespace");
+    let certificates = cluster_certificates(CLUSTER, TLS_NAMESPACE);
+    let ca_pem = certificates[2].1.clone();
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "rabbit-tls", "namespace": TLS_NAMESPACE},
+        "type": "kubernetes.io/tls",
+        "stringData": certificates.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
+    }))
+    .expect("TLS Secret");
+    Api::<Secret>::namespaced(client.clone(), TLS_NAMESPACE)
+        .create(&PostParams::default(), &secret)
+        .await
+        .expect("create TLS Secret");
+    let kubelet = Kubelet::start(&env).await.expect("start node simulator");
+    let stop = spawn_operator_in(client.clone(), TLS_NAMESPACE);
+    let started = Instant::now();
+
+    let clusters: Api<BrokerCluster> = Api::namespaced(client.clone(), TLS_NAMESPACE);
+    let mut spec = BrokerClusterSpec::with_defaults();
+    spec.replicas = 1;
+    spec.tls = Some(synod_operator::crd::broker_cluster::TlsSpec {
+        secret_name: "rabbit-tls".into(),
+    });
+    clusters
+        .create(&PostParams::default(), &BrokerCluster::new(CLUSTER, spec))
+        .await
+        .expect("create cluster");
+    let ready = wait_for("TLS cluster Ready", TIMEOUT, || {
+        let clusters = clusters.clone();
+        async move {
+            let status = clusters.get(CLUSTER).await.ok()?.status?;
+            let ready = conditions::find(&status.conditions, "Ready")?.clone();
+            (ready.status == "True").then_some(status)
+        }
+    })
+    .await;
+    assert_eq!(ready.members.len(), 1, "membership read over HTTPS");
+    eprintln!("TLS cluster ready after {:?}", started.elapsed());
+
+    let queues: Api<Queue> = Api::namespaced(client.clone(), TLS_NAMESPACE);
+    queues
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(serde_json::json!({
+                "apiVersion": "synod.dev/v1alpha1",
+                "kind": "Queue",
+                "metadata": {"name": "payments", "namespace": TLS_NAMESPACE},
+                "spec": {"clusterRef": {"name": CLUSTER}, "name": "payments", "durable": true},
+            }))
+            .expect("Queue"),
+        )
+        .await
+        .expect("create queue");
+    wait_topology_ready(&queues, "payments", |o| o.status.as_ref()).await;
+
+    // The queue is on the broker, seen the way the operator sees it: the
+    // pod's DNS name, verified against the cluster CA, at the pod's address.
+    let secret = Api::<Secret>::namespaced(client.clone(), TLS_NAMESPACE)
+        .get(&format!("{CLUSTER}-default-user"))
+        .await
+        .expect("default user Secret");
+    let (user, password) =
+        synod_operator::resources::credentials(Some(&secret)).expect("complete credentials");
+    let pod_ip = kubelet.pod_ip(TLS_NAMESPACE, &format!("{CLUSTER}-0"));
+    let host = format!("{CLUSTER}-0.{CLUSTER}-nodes.{TLS_NAMESPACE}.svc");
+    let verified = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .tls_certs_only(reqwest::Certificate::from_pem_bundle(ca_pem.as_bytes()).expect("CA"))
+        .resolve(&host, format!("{pod_ip}:15672").parse().expect("address"))
+        .build()
+        .expect("HTTPS client");
+    let queue = verified
+        .get(format!("https://{host}:15672/api/queues/%2F/payments"))
+        .basic_auth(&user, Some(&password))
+        .send()
+        .await
+        .expect("HTTPS with the cluster CA");
+    assert_eq!(queue.status(), StatusCode::OK);
+    // Plain HTTP is not served next to HTTPS.
+    assert!(
+        reqwest::Client::new()
+            .get(format!("http://{pod_ip}:15672/api/overview"))
+            .send()
+            .await
+            .map(|r| !r.status().is_success())
+            .unwrap_or(true),
+        "no plain management API"
+    );
 
     let _ = stop.send(true);
     kubelet.stop().await;

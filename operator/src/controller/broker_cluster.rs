@@ -24,8 +24,8 @@ use synod_broker::mgmt::api::{ClusterStatus, MemberAdd, MemberRole};
 use tracing::{info, warn};
 
 use super::{
-    Context, Error, FINALIZER, apply_params, broker_pods, error_policy, event_type, object_key,
-    with_any_broker,
+    Context, Error, FINALIZER, apply_params, broker_pods, cluster_trust, error_policy, event_type,
+    object_key, with_any_broker,
 };
 use crate::conditions::{self, READY, condition};
 use crate::crd::broker_cluster::Endpoints;
@@ -339,12 +339,10 @@ async fn apply_inner(cluster: &BrokerCluster, ctx: &Context) -> Result<Action, E
     // Brokers that answer /api/cluster/ready right now: readiness as the
     // broker sees it, also where no kubelet runs the probe.
     let mut broker_ready = BTreeSet::new();
+    let trust = cluster_trust(ctx, cluster).await.ok().flatten();
     for pod in pods.iter().filter(|p| p.ordinal < sts_replicas) {
-        if let Some(url) = &pod.url
-            && matches!(
-                ctx.brokers.client(url, &credentials).is_ready().await,
-                Ok(true)
-            )
+        if let Some(client) = ctx.brokers.client_for(pod, trust.as_ref(), &credentials)
+            && matches!(client.is_ready().await, Ok(true))
         {
             broker_ready.insert(pod.ordinal);
         }

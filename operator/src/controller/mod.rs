@@ -3,6 +3,7 @@
 //! per kind holds its reconcile and cleanup; object shapes come from `resources`.
 
 use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -31,6 +32,11 @@ pub const FIELD_MANAGER: &str = "synod-operator";
 pub const FINALIZER: &str = "synod.dev/finalizer";
 /// Default URL of pod `X-i`'s management API: its pod IP, so it works without cluster DNS.
 pub const DEFAULT_BROKER_URL_TEMPLATE: &str = "{scheme}://{pod_ip}:{port}";
+/// URL of pod `X-i`'s management API when the cluster serves HTTPS and the
+/// configured template uses `{pod_ip}`: the pod's stable DNS name, which its
+/// certificate names; the connection still goes to the pod IP (see
+/// [`BrokerAccess::client_for`]), so no cluster DNS is needed.
+pub const TLS_BROKER_URL_TEMPLATE: &str = "https://{pod}.{cluster}-nodes.{namespace}.svc:{port}";
 /// Default cluster address announced for a joining pod: its stable DNS name,
 /// the same form as the seed list (pod IPs change when pods are recreated).
 pub const DEFAULT_PEER_ADDRESS_TEMPLATE: &str = "{pod}.{cluster}-nodes.{namespace}.svc:{port}";
@@ -60,6 +66,15 @@ pub enum Error {
     /// The `X-default-user` Secret is missing or incomplete.
     #[error("Secret {0} has no complete username/password")]
     MissingCredentials(String),
+    /// The TLS Secret of `spec.tls` has no usable `ca.crt`, so the operator
+    /// cannot verify the brokers' HTTPS certificates.
+    #[error("Secret {secret} cannot be used to verify the brokers' certificates: {reason}")]
+    TlsTrust {
+        /// The Secret named by `spec.tls.secretName`.
+        secret: String,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 impl Error {
@@ -76,6 +91,7 @@ impl Error {
             },
             Error::NoBrokerReachable(_) => "broker_unreachable",
             Error::MissingCredentials(_) => "missing_credentials",
+            Error::TlsTrust { .. } => "tls_trust",
         }
     }
 }
@@ -277,6 +293,9 @@ pub struct BrokerPod {
     pub terminating: bool,
     /// Management API URL, when the pod has the address the template needs.
     pub url: Option<String>,
+    /// Where the URL's host is reached: the pod IP and management port, when
+    /// the URL names the pod by DNS and the pod has an IP.
+    pub address: Option<SocketAddr>,
     /// Cluster address to announce when the pod joins.
     pub peer_address: Option<String>,
 }
@@ -298,8 +317,26 @@ impl BrokerAccess {
     }
 
     /// The management URL of `pod`, or `None` if the template needs a pod IP it lacks.
+    ///
+    /// With TLS a template using `{pod_ip}` gives way to
+    /// [`TLS_BROKER_URL_TEMPLATE`]: certificates name pods by DNS, not by IP.
     pub fn url(&self, names: &Names, pod: &Pod, tls: bool) -> Option<String> {
-        render_template(&self.url_template, names, pod, tls, MANAGEMENT_PORT)
+        let template = if tls && self.url_template.contains("{pod_ip}") {
+            TLS_BROKER_URL_TEMPLATE
+        } else {
+            &self.url_template
+        };
+        render_template(template, names, pod, tls, MANAGEMENT_PORT)
+    }
+
+    /// The pod IP and management port, where a URL naming the pod by DNS is
+    /// sent when the cluster serves HTTPS.
+    pub fn address(&self, pod: &Pod, tls: bool) -> Option<SocketAddr> {
+        if !tls {
+            return None;
+        }
+        let ip: IpAddr = pod.status.as_ref()?.pod_ip.as_deref()?.parse().ok()?;
+        Some(SocketAddr::new(ip, u16::try_from(MANAGEMENT_PORT).ok()?))
     }
 
     /// The cluster-traffic address `host:port` of `pod`, announced when it
@@ -312,6 +349,85 @@ impl BrokerAccess {
     pub fn client(&self, url: &str, credentials: &(String, String)) -> BrokerClient {
         BrokerClient::new(self.http.clone(), url, &credentials.0, &credentials.1)
     }
+
+    /// A client of `pod` as the cluster's default user; `None` when the pod
+    /// has no URL yet.
+    ///
+    /// Without `trust` this is [`BrokerAccess::client`]. With it (the PEM CA
+    /// of the cluster's TLS Secret) the client trusts only that CA, checks
+    /// that the certificate names the URL's host, and connects to the pod's
+    /// address whatever DNS says: the TLS handshake, not the name lookup, is
+    /// what proves it reached the right broker.
+    pub fn client_for(
+        &self,
+        pod: &BrokerPod,
+        trust: Option<&ClusterTrust>,
+        credentials: &(String, String),
+    ) -> Option<BrokerClient> {
+        let url = pod.url.as_deref()?;
+        let Some(trust) = trust else {
+            return Some(self.client(url, credentials));
+        };
+        let mut builder = reqwest::Client::builder()
+            .timeout(broker_client::REQUEST_TIMEOUT)
+            .tls_certs_only(trust.roots.iter().cloned());
+        if let (Some(address), Some(host)) = (
+            pod.address,
+            reqwest::Url::parse(url)
+                .ok()
+                .and_then(|u| u.host_str().map(str::to_string)),
+        ) {
+            builder = builder.resolve(&host, address);
+        }
+        // A builder with only certificates and a resolver cannot fail but
+        // for the TLS backend; fall back to a client that will report the
+        // handshake failure as the broker being unreachable.
+        let http = builder.build().unwrap_or_else(|_| self.http.clone());
+        Some(BrokerClient::new(http, url, &credentials.0, &credentials.1))
+    }
+}
+
+/// The certificate authorities a TLS cluster's brokers are verified with.
+#[derive(Debug, Clone)]
+pub struct ClusterTrust {
+    roots: Vec<reqwest::Certificate>,
+}
+
+impl ClusterTrust {
+    /// Parses the PEM bundle of `ca.crt`; at least one certificate is required.
+    pub fn from_pem(pem: &[u8]) -> Result<ClusterTrust, String> {
+        let roots = reqwest::Certificate::from_pem_bundle(pem).map_err(|err| err.to_string())?;
+        if roots.is_empty() {
+            return Err("ca.crt holds no PEM certificate".to_string());
+        }
+        Ok(ClusterTrust { roots })
+    }
+}
+
+/// The CA of a TLS cluster from its `spec.tls` Secret's `ca.crt`; `None`
+/// for a cluster without TLS.
+pub(crate) async fn cluster_trust(
+    ctx: &Context,
+    cluster: &BrokerCluster,
+) -> Result<Option<ClusterTrust>, Error> {
+    let Some(tls) = &cluster.spec.tls else {
+        return Ok(None);
+    };
+    let names = Names::of(cluster)?;
+    let fail = |reason: String| Error::TlsTrust {
+        secret: tls.secret_name.clone(),
+        reason,
+    };
+    let secret = Api::<Secret>::namespaced(ctx.client.clone(), &names.namespace)
+        .get_opt(&tls.secret_name)
+        .await?
+        .ok_or_else(|| fail("it does not exist".to_string()))?;
+    let pem = secret
+        .data
+        .as_ref()
+        .and_then(|data| data.get(resources::TLS_CA_KEY))
+        .ok_or_else(|| fail(format!("it has no {}", resources::TLS_CA_KEY)))?;
+    ClusterTrust::from_pem(&pem.0).map(Some).map_err(fail)
 }
 
 /// The broker pods of `cluster`, sorted by ordinal.
@@ -344,6 +460,7 @@ pub(crate) async fn broker_pods(
                     .cloned(),
                 terminating: pod.metadata.deletion_timestamp.is_some(),
                 url: ctx.brokers.url(&names, pod, tls),
+                address: ctx.brokers.address(pod, tls),
                 peer_address: ctx.brokers.peer_address(&names, pod),
                 name,
             })
@@ -390,13 +507,16 @@ where
     F: Fn(BrokerClient) -> Fut,
     Fut: std::future::Future<Output = Result<T, broker_client::Error>>,
 {
+    let trust = cluster_trust(ctx, cluster).await?;
     let mut pods = broker_pods(ctx, cluster).await?;
     pods.retain(|p| !p.terminating);
     pods.sort_by_key(|p| (!p.ready, p.ordinal));
     let mut last_error = None;
     for pod in pods {
-        let Some(url) = pod.url else { continue };
-        match call(ctx.brokers.client(&url, credentials)).await {
+        let Some(client) = ctx.brokers.client_for(&pod, trust.as_ref(), credentials) else {
+            continue;
+        };
+        match call(client).await {
             Ok(answer) => return Ok(answer),
             // Only an unreachable broker justifies trying the next one; an
             // answer (even an error) is the cluster's answer.
@@ -495,6 +615,19 @@ mod tests {
         assert_eq!(
             dns.peer_address(&names, &pod("rabbit-2", None)),
             Some("rabbit-2.rabbit-nodes.prod.svc:25672".to_string())
+        );
+        assert_eq!(
+            default.url(&names, &pod("rabbit-1", Some("127.0.0.12")), true),
+            Some("https://rabbit-1.rabbit-nodes.prod.svc:15672".to_string()),
+            "certificates name pods by DNS, so TLS URLs do too"
+        );
+        assert_eq!(
+            default.address(&pod("rabbit-1", Some("127.0.0.12")), true),
+            Some("127.0.0.12:15672".parse().expect("address"))
+        );
+        assert_eq!(
+            default.address(&pod("rabbit-1", Some("127.0.0.12")), false),
+            None
         );
         let by_ip = dns.with_peer_address_template("{pod_ip}:{port}");
         assert_eq!(

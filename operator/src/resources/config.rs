@@ -22,6 +22,8 @@ pub const CONFIG_DIR: &str = "/etc/synod";
 pub const CLUSTER_SECRET_DIR: &str = "/etc/synod/cluster-secret";
 /// Where the TLS Secret is mounted.
 pub const TLS_DIR: &str = "/etc/synod/tls";
+/// Key of the CA bundle in a `spec.tls` Secret (cert-manager's name for it).
+pub const TLS_CA_KEY: &str = "ca.crt";
 
 /// The broker's TOML configuration for a cluster whose seed list is `peers`.
 ///
@@ -47,7 +49,7 @@ pub fn broker_config_toml(cluster: &BrokerCluster, peers: &str) -> Result<String
         set("tls-key", format!("{TLS_DIR}/tls.key"));
         // Peers verify each other's certificates (cluster traffic is TLS too),
         // so the CA is always passed; cert-manager writes it as `ca.crt`.
-        set("tls-ca", format!("{TLS_DIR}/ca.crt"));
+        set("tls-ca", format!("{TLS_DIR}/{TLS_CA_KEY}"));
         set("amqps-listen", format!("0.0.0.0:{AMQPS_PORT}"));
     }
     for (key, value) in &cluster.spec.config {

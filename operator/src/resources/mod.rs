@@ -15,7 +15,7 @@ mod secret;
 mod service;
 mod stateful_set;
 
-pub use config::{CONFIG_FILE_KEY, broker_config_toml, config_map};
+pub use config::{CONFIG_FILE_KEY, TLS_CA_KEY, broker_config_toml, config_map};
 pub use pdb::{majority, pod_disruption_budget};
 pub use secret::{
     CLUSTER_SECRET_KEY, PASSWORD_KEY, SECRET_LENGTH, USERNAME_KEY, cluster_secret, credentials,

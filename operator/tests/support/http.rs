@@ -1,6 +1,7 @@
 //! A minimal HTTP/1.1 GET over loopback TCP, for readiness checks of etcd and
 //! of simulated pods. It reads only the status line and must not be used for
-//! anything that needs a body or TLS.
+//! anything that needs a body. HTTPS probes skip certificate verification,
+//! as kubelet's do.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -38,4 +39,21 @@ async fn get_status_inner(address: SocketAddr, path: &str) -> Option<u16> {
     // "HTTP/1.1 200 OK"
     let line = String::from_utf8_lossy(&response);
     line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The status code of `GET https://address/path` without verifying the
+/// server's certificate (kubelet does not verify probe targets either), or
+/// `None` when the connection, the handshake or the request fails within `timeout`.
+pub async fn get_status_tls(address: SocketAddr, path: &str, timeout: Duration) -> Option<u16> {
+    let client = reqwest::Client::builder()
+        .timeout(timeout)
+        .tls_danger_accept_invalid_certs(true)
+        .build()
+        .ok()?;
+    let response = client
+        .get(format!("https://{address}{path}"))
+        .send()
+        .await
+        .ok()?;
+    Some(response.status().as_u16())
 }

@@ -2047,7 +2047,12 @@ async fn run_probe(probe: &Probe, ip: Ipv4Addr, launch: &Launch) -> bool {
             return false;
         };
         let path = action.path.clone().unwrap_or_else(|| "/".into());
-        let status = http::get_status(SocketAddr::new(IpAddr::V4(ip), port), &path, timeout).await;
+        let address = SocketAddr::new(IpAddr::V4(ip), port);
+        let status = if action.scheme.as_deref() == Some("HTTPS") {
+            http::get_status_tls(address, &path, timeout).await
+        } else {
+            http::get_status(address, &path, timeout).await
+        };
         return status.is_some_and(|code| (200..400).contains(&code));
     }
     if let Some(action) = &probe.tcp_socket {
