@@ -174,6 +174,7 @@ where
         current_method: (0, 0),
         internal: false,
         remote_scratch: Vec::new(),
+        tx_tickets: None,
         remote_wait: None,
         link_full: None,
         resume_input: false,
@@ -248,6 +249,7 @@ pub async fn serve_internal(
         current_method: (0, 0),
         internal: true,
         remote_scratch: Vec::new(),
+        tx_tickets: None,
         remote_wait: None,
         link_full: None,
         resume_input: false,
@@ -329,6 +331,9 @@ struct Connection<S> {
     internal: bool,
     /// Reused for each publish's list of (home node, queue) remote targets.
     remote_scratch: Vec<(String, String)>,
+    /// While a `tx.commit` publishes its messages: the store tickets of the
+    /// persistent ones, which `commit-ok` waits for.
+    tx_tickets: Option<Vec<crate::store::Ticket>>,
     /// A relayed request awaiting its answer; input is paused meanwhile.
     remote_wait: Option<RemoteWait>,
     /// A data link this connection's publishes filled; input is paused
@@ -1495,6 +1500,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         }
     }
 
+    /// Publishes and settles what a transaction buffered, in order.
+    fn apply_tx(&mut self, channel_id: u16, ops: Vec<TxOp>) -> Result<(), AmqpError> {
+        for op in ops {
+            match op {
+                TxOp::Publish { message, mandatory } => {
+                    self.route_publish(channel_id, message, mandatory)?
+                }
+                TxOp::Ack { tag, multiple } => self.settle_ack(channel_id, tag, multiple)?,
+                TxOp::Nack {
+                    tag,
+                    multiple,
+                    requeue,
+                } => self.settle_nack(channel_id, tag, multiple, requeue)?,
+            }
+        }
+        Ok(())
+    }
+
     fn route_publish(
         &mut self,
         channel_id: u16,
@@ -1545,6 +1568,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
             }
         }
         if seq == 0 {
+            if let Some(tx_tickets) = self.tx_tickets.as_mut() {
+                tx_tickets.append(&mut tickets);
+            }
             return Ok(());
         }
         let durable_wait = !tickets.is_empty();
@@ -2064,25 +2090,46 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                         "channel is not transactional",
                     ));
                 };
-                for op in ops {
-                    match op {
-                        TxOp::Publish { message, mandatory } => {
-                            self.route_publish(channel_id, message, mandatory)?
-                        }
-                        TxOp::Ack { tag, multiple } => {
-                            self.settle_ack(channel_id, tag, multiple)?
-                        }
-                        TxOp::Nack {
-                            tag,
-                            multiple,
-                            requeue,
-                        } => self.settle_nack(channel_id, tag, multiple, requeue)?,
-                    }
+                self.tx_tickets = Some(Vec::new());
+                let applied = self.apply_tx(channel_id, ops);
+                let tickets = self.tx_tickets.take().unwrap_or_default();
+                applied?;
+                if tickets.is_empty() {
+                    self.send_method(
+                        channel_id,
+                        AMQPClass::Tx(tx::AMQPMethod::CommitOk(tx::CommitOk {})),
+                    );
+                    return Ok(());
                 }
-                self.send_method(
+                // commit-ok promises the persistent messages are on disk, as a
+                // confirm does: answer once the store has synced them, reading
+                // nothing more from this connection meanwhile.
+                let (done, decision) = tokio::sync::oneshot::channel();
+                tokio::spawn(async move {
+                    let mut result = Ok(Outcome::default());
+                    for ticket in tickets {
+                        if let Err(err) = ticket.await {
+                            result = Err(MetaError::Unavailable(format!(
+                                "the transaction's persistent messages could not be stored: {err}"
+                            )));
+                        }
+                    }
+                    let _ = done.send(result);
+                });
+                self.deferred = Some(Deferred {
                     channel_id,
-                    AMQPClass::Tx(tx::AMQPMethod::CommitOk(tx::CommitOk {})),
-                );
+                    class_id: self.current_method.0,
+                    method_id: self.current_method.1,
+                    decision,
+                    then: Box::new(move |conn, result| {
+                        result.map_err(meta_error)?;
+                        conn.send_method(
+                            channel_id,
+                            AMQPClass::Tx(tx::AMQPMethod::CommitOk(tx::CommitOk {})),
+                        );
+                        Ok(())
+                    }),
+                });
                 Ok(())
             }
             AMQPClass::Tx(tx::AMQPMethod::Rollback(_)) => {

@@ -2,7 +2,8 @@
 //! persistent messages with confirms, the broker is SIGKILLed at seeded
 //! random points (while publishing, while consuming and acking), restarted,
 //! and the queue is checked: every confirmed, unacked message exactly once,
-//! nothing never published, per-producer order kept. The seed is printed;
+//! nothing never published, per-producer order kept; the same for
+//! transactions, whose `commit-ok` promises what a confirm does. The seed is printed;
 //! replay one with `SYNOD_CRASH_SEED=<seed>`.
 
 mod durable_support;
@@ -22,10 +23,10 @@ use rand::{Rng, SeedableRng};
 const PRODUCERS: u64 = 3;
 const MESSAGES_PER_PRODUCER: u64 = 600;
 const CONFIRM_WINDOW: usize = 64;
-const ROUNDS: u64 = 6;
+const ROUNDS: u64 = 9;
 const QUEUE: &str = "crash";
 /// The whole test must finish within this.
-const TEST_BUDGET: Duration = Duration::from_secs(60);
+const TEST_BUDGET: Duration = Duration::from_secs(90);
 
 fn body(producer: u64, seq: u64) -> Vec<u8> {
     format!("{producer}:{seq}").into_bytes()
@@ -117,6 +118,95 @@ async fn produce(addr: std::net::SocketAddr, producer: u64, published: Arc<Mutex
             Err(_) => return,
         }
     }
+}
+
+/// Messages per transaction of the transactional producer.
+const TX_BATCH: u64 = 16;
+
+/// Publishes in transactions of [`TX_BATCH`] until done or the broker dies;
+/// a batch counts as confirmed once its `commit-ok` arrived.
+async fn produce_tx(addr: std::net::SocketAddr, producer: u64, published: Arc<Mutex<Published>>) {
+    let uri = format!("amqp://guest:guest@{addr}/%2f");
+    let Ok(connection) = Connection::connect(&uri, Default::default()).await else {
+        return;
+    };
+    let Ok(ch) = connection.create_channel().await else {
+        return;
+    };
+    if ch.tx_select().await.is_err() {
+        return;
+    }
+    for batch in 0..MESSAGES_PER_PRODUCER / TX_BATCH {
+        let seqs = batch * TX_BATCH..(batch + 1) * TX_BATCH;
+        published
+            .lock()
+            .expect("lock")
+            .attempted
+            .insert(producer, seqs.end);
+        for seq in seqs.clone() {
+            let sent = ch
+                .basic_publish(
+                    "".into(),
+                    QUEUE.into(),
+                    BasicPublishOptions::default(),
+                    &body(producer, seq),
+                    BasicProperties::default().with_delivery_mode(2),
+                )
+                .await;
+            if sent.is_err() {
+                return;
+            }
+        }
+        if ch.tx_commit().await.is_err() {
+            return;
+        }
+        published
+            .lock()
+            .expect("lock")
+            .confirmed
+            .entry(producer)
+            .or_default()
+            .extend(seqs);
+    }
+}
+
+async fn round_killed_while_committing(seed: u64) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let dir = DataDir::new("crash-tx");
+    let broker = BrokerProcess::start(&dir.0);
+    declare(&broker.connect().await).await;
+    let published = Arc::new(Mutex::new(Published::default()));
+    let producers: Vec<_> = (0..PRODUCERS)
+        .map(|p| tokio::spawn(produce_tx(broker.addr, p, published.clone())))
+        .collect();
+    within(async {
+        while published.lock().expect("lock").attempted.len() < PRODUCERS as usize {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    let kill_after = Duration::from_millis(rng.random_range(0..300));
+    tokio::time::sleep(kill_after).await;
+    broker.kill();
+    for producer in producers {
+        producer.abort();
+    }
+    let broker = BrokerProcess::start(&dir.0);
+    let drained = drain(&broker).await;
+    let published = published.lock().expect("lock");
+    let n_committed: usize = published.confirmed.values().map(|s| s.len()).sum();
+    eprintln!(
+        "seed {seed}: killed after {kill_after:?} while committing; {n_committed} committed, {} recovered",
+        drained.len()
+    );
+    check(
+        seed,
+        &drained,
+        &published,
+        &BTreeSet::new(),
+        &BTreeSet::new(),
+    );
+    broker.kill();
 }
 
 /// Drains the queue after a restart: (producer, seq, redelivered) in order.
@@ -343,10 +433,10 @@ async fn every_confirmed_message_survives_seeded_kills_exactly_once_in_order() {
     let mut rng = StdRng::seed_from_u64(seed);
     for round in 0..ROUNDS {
         let round_seed: u64 = rng.random();
-        if round % 2 == 0 {
-            round_killed_while_publishing(round_seed).await;
-        } else {
-            round_killed_while_consuming(round_seed).await;
+        match round % 3 {
+            0 => round_killed_while_publishing(round_seed).await,
+            1 => round_killed_while_consuming(round_seed).await,
+            _ => round_killed_while_committing(round_seed).await,
         }
         assert!(
             started.elapsed() < TEST_BUDGET,
