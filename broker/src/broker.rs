@@ -636,13 +636,24 @@ impl Broker {
             _ => None,
         };
         let moved = match &command {
-            Command::MoveQueue { vhost, name, home } => Some((vhost.clone(), name.clone(), home.clone())),
+            Command::MoveQueue { vhost, name, home } => {
+                Some((vhost.clone(), name.clone(), home.clone()))
+            }
             _ => None,
         };
         let drain_me = matches!(&command, Command::SetDraining { node, draining: true } if *node == self.settings.node_name);
         let mut state = self.write();
         let old_home = moved.as_ref().and_then(|(vhost, name, _)| {
-            Some(state.meta.vhosts.get(vhost)?.queues.get(name)?.home_node.clone())
+            Some(
+                state
+                    .meta
+                    .vhosts
+                    .get(vhost)?
+                    .queues
+                    .get(name)?
+                    .home_node
+                    .clone(),
+            )
         });
         let durable = self
             .durable()

@@ -1730,7 +1730,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
             self.confirm_one(channel_id, seq, ok);
             return;
         }
-        confirms.waiting.push_back(WaitingConfirm { seq, waits, ok });
+        confirms
+            .waiting
+            .push_back(WaitingConfirm { seq, waits, ok });
         if !tickets.is_empty() {
             let info = channel.info.clone();
             let waiter = self.confirm_waiter.get_or_insert_with(|| {
