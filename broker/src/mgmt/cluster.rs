@@ -133,7 +133,8 @@ pub async fn remove_member(broker: &Broker, name: &str, force: bool) -> Result<R
     let homed = broker.queues_homed_on(name);
     if homed.is_empty() {
         return match node.remove_member(name).await {
-            Ok(_) => Ok(Removal::Removed),
+            // Removed meanwhile (a drained node removes itself).
+            Ok(_) | Err(cluster::Error::UnknownMember(_)) => Ok(Removal::Removed),
             // The drained node is removing itself right now.
             Err(cluster::Error::ChangeInProgress) if broker.is_draining(name) => {
                 Ok(Removal::Draining(drain_report(name, 0)))
