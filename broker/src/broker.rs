@@ -209,6 +209,10 @@ pub struct Published {
 struct State {
     meta: Metadata,
     queues: HashMap<String, HashMap<String, Arc<Queue>>>,
+    /// Queues a draining node is moving here, by (vhost, name): they fill
+    /// with the copied messages before the move is decided, and become the
+    /// runtime queue when it is (see `drain`).
+    staged: HashMap<(String, String), Arc<Queue>>,
 }
 
 /// The node's broker.
@@ -233,6 +237,8 @@ pub struct Broker {
     replication: OnceLock<Arc<Replication>>,
     /// Data links to the home nodes of queues homed elsewhere.
     links: OnceLock<Arc<crate::cluster::forward::Links>>,
+    /// Woken when this node is marked draining (see `drain::supervise`).
+    drain_wakeup: tokio::sync::Notify,
 }
 
 /// Where a queue lives, as this node sees it.
@@ -304,6 +310,7 @@ impl Broker {
             cluster: OnceLock::new(),
             replication: OnceLock::new(),
             links: OnceLock::new(),
+            drain_wakeup: tokio::sync::Notify::new(),
         };
         for command in bootstrap_commands(&broker.settings) {
             broker
@@ -423,6 +430,11 @@ impl Broker {
                 if def.home_node != self.settings.node_name || exists {
                     continue;
                 }
+                let key = (vhost_name.clone(), def.name.clone());
+                if let Some(staged) = state.staged.remove(&key) {
+                    created.push((vhost_name.clone(), staged));
+                    continue;
+                }
                 match QueueArgs::parse(&def.arguments) {
                     Ok(args) => created.push((
                         vhost_name.clone(),
@@ -441,30 +453,42 @@ impl Broker {
                 .or_default()
                 .insert(queue.name().to_string(), queue);
         }
+        if meta.is_draining(&self.settings.node_name) {
+            self.drain_wakeup.notify_one();
+        }
         state.meta = meta;
         drop(state);
         self.cancel_consumers_of(removed);
     }
 
     /// The home node for a queue declared here with `arguments`: this node,
-    /// or with `x-queue-leader-locator: balanced` the cluster member that
-    /// holds the fewest queues (ties to the smallest name).
+    /// or with `x-queue-leader-locator: balanced` (or when this node is
+    /// draining) the voter that is not draining and holds the fewest queues
+    /// (ties to the smallest name). A draining node is never picked.
     pub fn home_for(&self, arguments: &FieldTable) -> String {
         let balanced = QueueArgs::parse(arguments).is_ok_and(|a| a.balanced_home);
-        let Some(cluster) = self.cluster().filter(|_| balanced) else {
-            return self.settings.node_name.clone();
-        };
+        let me = &self.settings.node_name;
+        if !balanced && !self.is_draining(me) {
+            return me.clone();
+        }
+        self.least_loaded_home(None).unwrap_or_else(|| me.clone())
+    }
+
+    /// The voter, other than `except`, that is not draining and holds the
+    /// fewest queues (ties to the smallest name); `None` when there is none
+    /// (or no cluster).
+    pub fn least_loaded_home(&self, except: Option<&str>) -> Option<String> {
+        let cluster = self.cluster()?;
+        let state = self.read();
         let mut load: BTreeMap<String, usize> = cluster
             .status()
             .members
             .into_iter()
             .filter(|m| m.role == "voter")
+            .filter(|m| !state.meta.is_draining(&m.name) && Some(m.name.as_str()) != except)
             .map(|m| (m.name, 0))
             .collect();
-        if load.is_empty() {
-            return self.settings.node_name.clone();
-        }
-        for vhost in self.read().meta.vhosts.values() {
+        for vhost in state.meta.vhosts.values() {
             for queue in vhost.queues.values() {
                 if let Some(n) = load.get_mut(&queue.home_node) {
                     *n += 1;
@@ -474,7 +498,36 @@ impl Broker {
         load.into_iter()
             .min_by_key(|(name, n)| (*n, name.clone()))
             .map(|(name, _)| name)
-            .unwrap_or_else(|| self.settings.node_name.clone())
+    }
+
+    /// Whether `node` is draining (or was drained and removed).
+    pub fn is_draining(&self, node: &str) -> bool {
+        self.read().meta.is_draining(node)
+    }
+
+    /// Nodes marked draining in the metadata.
+    pub fn draining_nodes(&self) -> Vec<String> {
+        self.read().meta.draining.iter().cloned().collect()
+    }
+
+    /// Queues homed on `node`, as (vhost, definition).
+    pub fn queues_homed_on(&self, node: &str) -> Vec<(String, QueueDef)> {
+        let state = self.read();
+        let mut out = Vec::new();
+        for (vhost_name, vhost) in &state.meta.vhosts {
+            for def in vhost.queues.values() {
+                if def.home_node == node {
+                    out.push((vhost_name.clone(), def.clone()));
+                }
+            }
+        }
+        out
+    }
+
+    /// Resolves when this node has been marked draining since the last call
+    /// (or at once, the first time, when it already is).
+    pub async fn drain_requested(&self) {
+        self.drain_wakeup.notified().await;
     }
 
     /// Whether `node` is this node or a member of its cluster.
@@ -582,7 +635,26 @@ impl Broker {
             }
             _ => None,
         };
+        let moved = match &command {
+            Command::MoveQueue { vhost, name, home } => {
+                Some((vhost.clone(), name.clone(), home.clone()))
+            }
+            _ => None,
+        };
+        let drain_me = matches!(&command, Command::SetDraining { node, draining: true } if *node == self.settings.node_name);
         let mut state = self.write();
+        let old_home = moved.as_ref().and_then(|(vhost, name, _)| {
+            Some(
+                state
+                    .meta
+                    .vhosts
+                    .get(vhost)?
+                    .queues
+                    .get(name)?
+                    .home_node
+                    .clone(),
+            )
+        });
         let durable = self
             .durable()
             .filter(|d| d.before_command(&state.meta, &command));
@@ -601,10 +673,19 @@ impl Broker {
                 .or_default()
                 .insert(queue.name().to_string(), queue);
         }
+        let mut moved_away = None;
+        if let (Some((vhost, name, home)), Some(old_home)) = (moved, old_home)
+            && outcome.created
+        {
+            moved_away = self.apply_move(&mut state, &vhost, &name, &old_home, &home);
+        }
         let mut removed = Vec::new();
         for (vhost, name) in &outcome.deleted_queues {
             if let Some(queue) = state.queues.get_mut(vhost).and_then(|qs| qs.remove(name)) {
                 removed.push(queue);
+            }
+            if let Some(staged) = state.staged.remove(&(vhost.clone(), name.clone())) {
+                removed.push(staged);
             }
         }
         drop(state);
@@ -612,7 +693,56 @@ impl Broker {
             durable.write_snapshot(snapshot);
         }
         self.cancel_consumers_of(removed);
+        if let Some(queue) = moved_away {
+            // Consumers re-consume from the new home; the draining node
+            // copies what is left here (see `drain`).
+            for consumer in queue.take_consumers() {
+                let _ = consumer.sender.send(Outbound::ConsumerCancelled {
+                    channel_id: consumer.channel_id,
+                    consumer_tag: consumer.tag.clone(),
+                });
+            }
+        }
+        if drain_me && outcome.created {
+            self.drain_wakeup.notify_one();
+        }
         Ok(outcome)
+    }
+
+    /// Brings the runtime queues in line with a decided move of
+    /// `vhost`/`name` from `old_home` to `home`: the new home adopts the
+    /// staged queue (or starts an empty one); the old home detaches its
+    /// runtime queue and returns it (its messages are still to be copied).
+    fn apply_move(
+        &self,
+        state: &mut State,
+        vhost: &str,
+        name: &str,
+        old_home: &str,
+        home: &str,
+    ) -> Option<Arc<Queue>> {
+        let me = self.settings.node_name.as_str();
+        if home == me {
+            let key = (vhost.to_string(), name.to_string());
+            let queue = match state.staged.remove(&key) {
+                Some(staged) => staged,
+                None => {
+                    let def = state.meta.vhosts.get(vhost)?.queues.get(name)?.clone();
+                    let args = QueueArgs::parse(&def.arguments).ok()?;
+                    self.runtime_queue(vhost, def, args)
+                }
+            };
+            state
+                .queues
+                .entry(vhost.to_string())
+                .or_default()
+                .insert(name.to_string(), queue);
+            return None;
+        }
+        if old_home == me {
+            return state.queues.get_mut(vhost).and_then(|qs| qs.remove(name));
+        }
+        None
     }
 
     /// The runtime queue `vhost`/`name`.
@@ -751,23 +881,66 @@ impl Broker {
     }
 
     /// Enqueues a message forwarded by another node on exactly the named
-    /// local queues, without routing (the entry node routed it). Names of
-    /// queues not (or no longer) here are skipped.
+    /// local queues, without routing (the entry node routed it). A named
+    /// queue homed elsewhere is one on the move: a node that is not
+    /// draining stages it (it is becoming its home); a draining node lists
+    /// it in `remote` as (home node, queue name), for the caller to forward
+    /// to its new home. Names of queues that do not exist are skipped.
     pub fn publish_to_queues(
         &self,
         vhost: &str,
         message: Arc<Message>,
         names: &[String],
+        remote: &mut Vec<(String, String)>,
         tickets: &mut Vec<crate::store::Ticket>,
     ) -> Published {
-        let targets: Vec<Arc<Queue>> = {
+        let me = self.settings.node_name.as_str();
+        let mut targets: Vec<Arc<Queue>> = Vec::with_capacity(names.len());
+        let mut to_stage = Vec::new();
+        {
             let state = self.read();
             let queues = state.queues.get(vhost);
-            names
-                .iter()
-                .filter_map(|name| queues.and_then(|qs| qs.get(name)).cloned())
-                .collect()
-        };
+            let defs = state.meta.vhosts.get(vhost).map(|v| &v.queues);
+            let draining = state.meta.is_draining(me);
+            for name in names {
+                if let Some(queue) = queues.and_then(|qs| qs.get(name)) {
+                    targets.push(queue.clone());
+                } else if let Some(def) = defs.and_then(|d| d.get(name))
+                    && def.home_node != me
+                {
+                    if draining {
+                        remote.push((def.home_node.clone(), name.clone()));
+                    } else if let Some(staged) =
+                        state.staged.get(&(vhost.to_string(), name.clone()))
+                    {
+                        targets.push(staged.clone());
+                    } else {
+                        to_stage.push(def.clone());
+                    }
+                }
+            }
+        }
+        if !to_stage.is_empty() {
+            let mut state = self.write();
+            for mut def in to_stage {
+                if let Some(queue) = state.queues.get(vhost).and_then(|qs| qs.get(&def.name)) {
+                    targets.push(queue.clone());
+                    continue;
+                }
+                let key = (vhost.to_string(), def.name.clone());
+                if let Some(staged) = state.staged.get(&key) {
+                    targets.push(staged.clone());
+                    continue;
+                }
+                let Ok(args) = QueueArgs::parse(&def.arguments) else {
+                    continue;
+                };
+                def.home_node = me.to_string();
+                let queue = self.runtime_queue(vhost, def, args);
+                state.staged.insert(key, queue.clone());
+                targets.push(queue);
+            }
+        }
         let now = Instant::now();
         let mut dead = Vec::new();
         let mut published = Published {

@@ -1715,30 +1715,50 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         Ok(link)
     }
 
-    /// Home side: enqueues a targeted publish and confirms it.
+    /// Home side: enqueues a targeted publish and confirms it. A target
+    /// that moved away from this draining node is forwarded to its new
+    /// home, and the confirm waits for that home's too.
     fn publish_targeted(&mut self, channel_id: u16, message: Arc<Message>, targets: &[String]) {
         let mut tickets = Vec::new();
-        let published = self
-            .broker
-            .publish_to_queues(&self.vhost, message, targets, &mut tickets);
+        let mut remote = Vec::new();
+        let published = self.broker.publish_to_queues(
+            &self.vhost,
+            message.clone(),
+            targets,
+            &mut remote,
+            &mut tickets,
+        );
+        let Some(seq) = self
+            .channels
+            .get_mut(&channel_id)
+            .and_then(|c| c.confirms.as_mut())
+            .map(|confirms| {
+                confirms.published += 1;
+                confirms.published
+            })
+        else {
+            return;
+        };
+        let (n_homes, unreachable) = if remote.is_empty() {
+            (0, None)
+        } else {
+            self.forward(channel_id, &message, &mut remote, seq, false)
+        };
         let Some(channel) = self.channels.get_mut(&channel_id) else {
             return;
         };
         let Some(confirms) = channel.confirms.as_mut() else {
             return;
         };
-        confirms.published += 1;
-        let seq = confirms.published;
-        let ok = !published.rejected;
-        if tickets.is_empty() && confirms.waiting.is_empty() {
+        let ok = !published.rejected && unreachable.is_none();
+        let waits = n_homes + u32::from(!tickets.is_empty());
+        if waits == 0 && confirms.waiting.is_empty() {
             self.confirm_one(channel_id, seq, ok);
             return;
         }
-        confirms.waiting.push_back(WaitingConfirm {
-            seq,
-            waits: u32::from(!tickets.is_empty()),
-            ok,
-        });
+        confirms
+            .waiting
+            .push_back(WaitingConfirm { seq, waits, ok });
         if !tickets.is_empty() {
             let info = channel.info.clone();
             let waiter = self.confirm_waiter.get_or_insert_with(|| {

@@ -604,6 +604,8 @@ fn changes_durable_topology(meta: &Metadata, command: &Command) -> bool {
         Command::Bind { vhost, source, .. } | Command::Unbind { vhost, source, .. } => {
             exchange_durable(vhost, source)
         }
+        Command::SetDraining { .. } => true,
+        Command::MoveQueue { vhost, name, .. } => queue_durable(vhost, name),
     }
 }
 

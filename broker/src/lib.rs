@@ -21,6 +21,7 @@
 //!   logging, recovery at startup, confirms after fsync, the disk alarm.
 //! - [`paxos`]: consensus and reconfiguration (pure; no I/O, no clock, seeded rng).
 //! - [`cluster`]: drives `paxos`: transport, timers, persistence, forwarding.
+//! - [`drain`]: moves a leaving node's queues (metadata and messages) away.
 //! - [`mgmt`]: management HTTP API.
 //! - [`metrics`]: the one Prometheus registry.
 #![warn(missing_docs)]
@@ -31,6 +32,7 @@ pub mod channel;
 pub mod cluster;
 pub mod config;
 pub mod connection;
+pub mod drain;
 pub mod durable;
 pub mod exchange;
 pub mod limits;

@@ -62,3 +62,18 @@ pub const QUEUE_MEMORY_MAX_BYTES_DEFAULT: u64 = 64 * 1024 * 1024;
 pub const PAGE_IN_BATCH_MAX: usize = 256;
 /// Body bytes read back from the log in one page-in step (at least one message).
 pub const PAGE_IN_BATCH_BYTES_MAX: u64 = 1024 * 1024;
+/// Messages a drain has sent to a queue's new home and awaits confirms for.
+pub const DRAIN_IN_FLIGHT_MAX: usize = 2_048;
+/// How long a drain waits for the new home to confirm a copied message
+/// before it gives the link up (and requeues what was in flight), in milliseconds.
+pub const DRAIN_CONFIRM_TIMEOUT_MS: u64 = 30_000;
+/// After a queue moved, how long the old home waits for deliveries its
+/// consumers still hold (acked: gone; requeued: copied too), in milliseconds.
+pub const DRAIN_UNACKED_WAIT_MS: u64 = 30_000;
+/// Pause between two attempts of a drain step that failed (no quorum, no
+/// target, link down), and between looks at a queue still holding
+/// deliveries, in milliseconds.
+pub const DRAIN_RETRY_DELAY_MS: u64 = 500;
+/// How long the management API waits to reach a node's cluster port before
+/// it calls the node unreachable, in milliseconds.
+pub const DRAIN_PROBE_TIMEOUT_MS: u64 = 2_000;

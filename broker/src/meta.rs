@@ -108,6 +108,24 @@ pub enum Command {
         /// The binding.
         binding: Binding,
     },
+    /// Marks a node as draining (no new queue is homed there; it moves its
+    /// queues away, then leaves the configuration) or clears the mark.
+    SetDraining {
+        /// Node name.
+        node: String,
+        /// True to start draining, false when the node is invited back.
+        draining: bool,
+    },
+    /// Changes a queue's home node. The definition, bindings and arguments
+    /// stay; only where the messages live changes (see `drain`).
+    MoveQueue {
+        /// Vhost name.
+        vhost: String,
+        /// Queue name.
+        name: String,
+        /// The new home node.
+        home: String,
+    },
 }
 
 /// An exchange's definition.
@@ -193,6 +211,8 @@ pub struct Metadata {
     pub users: BTreeMap<String, User>,
     /// Permissions by (vhost, user).
     pub permissions: BTreeMap<(String, String), Permissions>,
+    /// Nodes being drained (or drained and removed): never a new home.
+    pub draining: BTreeSet<String>,
 }
 
 /// What applying a command did.
@@ -478,7 +498,42 @@ impl Metadata {
                 auto_delete_exchange(vhost, &vhost_name, &source, &mut outcome);
                 Ok(outcome)
             }
+            Command::SetDraining { node, draining } => {
+                let changed = if draining {
+                    self.draining.insert(node)
+                } else {
+                    self.draining.remove(&node)
+                };
+                Ok(Outcome {
+                    created: changed,
+                    ..Outcome::default()
+                })
+            }
+            Command::MoveQueue { vhost, name, home } => {
+                let vhost_name = vhost;
+                let vhost = self.vhost_mut(&vhost_name)?;
+                let queue = vhost.queues.get_mut(&name).ok_or_else(|| {
+                    MetaError::NotFound(format!("no queue '{name}' in vhost '{vhost_name}'"))
+                })?;
+                // An exclusive queue lives and dies with its connection.
+                if queue.exclusive_owner.is_some() {
+                    return Err(MetaError::PreconditionFailed(format!(
+                        "exclusive queue '{name}' in vhost '{vhost_name}' cannot move"
+                    )));
+                }
+                let created = queue.home_node != home;
+                queue.home_node = home;
+                Ok(Outcome {
+                    created,
+                    ..Outcome::default()
+                })
+            }
         }
+    }
+
+    /// Whether `node` is draining (or was drained).
+    pub fn is_draining(&self, node: &str) -> bool {
+        self.draining.contains(node)
     }
 
     /// The vhost named `name`.
@@ -570,6 +625,12 @@ impl Metadata {
                 .get(vhost)
                 .and_then(|v| v.exchanges.get(source))
                 .is_some_and(|e| e.router.bindings().contains(binding)),
+            Command::SetDraining { node, draining } => self.draining.contains(node) == *draining,
+            Command::MoveQueue { vhost, name, home } => self
+                .vhosts
+                .get(vhost)
+                .and_then(|v| v.queues.get(name))
+                .is_some_and(|q| q.home_node == *home),
             _ => false,
         }
     }
@@ -603,6 +664,12 @@ impl Metadata {
                 configure: p.configure.clone(),
                 write: p.write.clone(),
                 read: p.read.clone(),
+            });
+        }
+        for node in &self.draining {
+            commands.push(Command::SetDraining {
+                node: node.clone(),
+                draining: true,
             });
         }
         for (vhost_name, vhost) in &self.vhosts {

@@ -89,6 +89,10 @@ pub struct Metrics {
     pub cluster_remote_deliveries_total: IntCounterVec,
     /// Publishes that could not be forwarded (home node unreachable), by `peer`.
     pub cluster_forward_failed_total: IntCounterVec,
+    /// Queues this node moved to another home while draining.
+    pub cluster_queues_moved_total: IntCounter,
+    /// Messages this node copied to queues' new homes while draining.
+    pub cluster_messages_moved_total: IntCounter,
 }
 
 impl Metrics {
@@ -272,6 +276,14 @@ impl Metrics {
                 "synod_cluster_forward_failed_total",
                 "Publishes not forwarded because their queue's home node was unreachable",
                 &["peer"],
+            ),
+            cluster_queues_moved_total: counter(
+                "synod_cluster_queues_moved_total",
+                "Queues this node moved to another home node while draining",
+            ),
+            cluster_messages_moved_total: counter(
+                "synod_cluster_messages_moved_total",
+                "Messages this node copied to their queue's new home node while draining",
             ),
             registry,
             queue_registry,

@@ -326,6 +326,8 @@ async fn join_cluster(
     broker.attach_replication(replication.clone());
     durable.restore_messages(broker, recovered.queues)?;
     tokio::spawn(replication.drop_stale_queues(broker.clone(), crate::replication::REPLAY_TIMEOUT));
+    // After the restore: a drain copies the messages the store gave back.
+    tokio::spawn(crate::drain::supervise(broker.clone()));
     Ok(())
 }
 

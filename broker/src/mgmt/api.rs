@@ -380,6 +380,22 @@ pub struct ClusterMember {
     pub alive: bool,
     /// How many decided entries this member is behind the answering node.
     pub lag: u64,
+    /// Whether the member is moving its queues away before it leaves
+    /// (`DELETE /api/cluster/members/{node}`).
+    #[serde(default)]
+    pub draining: bool,
+}
+
+/// `DELETE /api/cluster/members/{node}` while the node's queues are moving
+/// (202): repeat the request until it answers 204.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberDrain {
+    /// Node name.
+    pub node: String,
+    /// Always true: the node is draining.
+    pub draining: bool,
+    /// Queues still homed on the node.
+    pub queues_remaining: u64,
 }
 
 /// `GET /api/cluster`: the agreed configuration as seen by the answering node.
@@ -701,6 +717,7 @@ mod tests {
                 role: MemberRole::Learner,
                 alive: true,
                 lag: 4,
+                draining: true,
             }],
             leader: Some("x-0".into()),
             epoch: 2,

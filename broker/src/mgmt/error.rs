@@ -39,6 +39,10 @@ pub enum Error {
     /// The node cannot serve the request now, e.g. not ready (503).
     #[error("{0}")]
     Unavailable(String),
+    /// The request needs a node that cannot be reached, e.g. removing a
+    /// dead member that is still the home of queues (409).
+    #[error("{0}")]
+    Unreachable(String),
 }
 
 impl Error {
@@ -49,7 +53,7 @@ impl Error {
             Error::Forbidden(_) => StatusCode::FORBIDDEN,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::BadRequest(_) | Error::Conflict(_) => StatusCode::BAD_REQUEST,
-            Error::InProgress(_) => StatusCode::CONFLICT,
+            Error::InProgress(_) | Error::Unreachable(_) => StatusCode::CONFLICT,
             Error::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Error::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -64,7 +68,7 @@ impl Error {
             Error::NotFound(_) => "Object Not Found",
             Error::BadRequest(_) => "bad_request",
             Error::Conflict(_) => "bad_request",
-            Error::InProgress(_) => "conflict",
+            Error::InProgress(_) | Error::Unreachable(_) => "conflict",
             Error::MethodNotAllowed(_) => "method_not_allowed",
             Error::PayloadTooLarge(_) => "payload_too_large",
             Error::Unavailable(_) => "unavailable",

@@ -3,7 +3,7 @@
 //! Must not: count anything itself; numbers come from the metrics registry
 //! and the broker's registries.
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
@@ -302,13 +302,30 @@ async fn add_member(
     Ok((StatusCode::CREATED, Json(cluster::status(&state.broker))).into_response())
 }
 
-/// Administrators only. 204 once the removal is decided.
+/// Query parameters of `DELETE /api/cluster/members/{node}`.
+#[derive(Debug, Default, serde::Deserialize)]
+struct RemoveOptions {
+    /// Remove an unreachable node even though its queues' messages are lost.
+    #[serde(default)]
+    force: bool,
+}
+
+/// Administrators only. Moves the node's queues away first: `202 Accepted`
+/// with `{"node", "draining": true, "queues_remaining"}` while they move
+/// (repeat the request), 204 once the node is not a member; 409 when the
+/// node is unreachable and still the home of queues (unless `?force=true`,
+/// which re-homes them empty). See `mgmt::cluster::remove_member`.
 async fn remove_member(
     State(state): State<AppState>,
     caller: Caller,
     Path(node): Path<String>,
-) -> Result<StatusCode, Error> {
+    Query(options): Query<RemoveOptions>,
+) -> Result<Response, Error> {
     caller.require_administrator()?;
-    cluster::remove_member(&state.broker, &node).await?;
-    Ok(StatusCode::NO_CONTENT)
+    match cluster::remove_member(&state.broker, &node, options.force).await? {
+        cluster::Removal::Removed => Ok(StatusCode::NO_CONTENT.into_response()),
+        cluster::Removal::Draining(report) => {
+            Ok((StatusCode::ACCEPTED, Json(report)).into_response())
+        }
+    }
 }

@@ -878,6 +878,18 @@ impl Queue {
         (consumers, n)
     }
 
+    /// Removes every consumer and keeps the messages: the queue's home
+    /// moved to another node, which the consumers re-consume from. Returns
+    /// them (to be told with `basic.cancel`).
+    pub fn take_consumers(&self) -> Vec<Consumer> {
+        let mut state = self.lock();
+        let consumers = std::mem::take(&mut state.consumers);
+        self.metrics.consumers.sub(consumers.len() as i64);
+        state.next_consumer = 0;
+        self.update_gauges(&state);
+        consumers
+    }
+
     fn clear_ready(&self, state: &mut State) {
         self.memory_bytes
             .fetch_sub(state.loaded_bytes as i64, Ordering::Relaxed);

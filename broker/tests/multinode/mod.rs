@@ -201,6 +201,19 @@ impl Cluster {
         (status, response.json().await.unwrap_or(Value::Null))
     }
 
+    /// DELETE `path` on node `i`'s management API as guest.
+    pub async fn delete(&self, i: usize, path: &str) -> (StatusCode, Value) {
+        let response = self
+            .http
+            .delete(format!("{}{path}", self.nodes[i].mgmt))
+            .basic_auth("guest", Some("guest"))
+            .send()
+            .await
+            .expect("management API answers");
+        let status = response.status();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
     /// Waits until `nodes` are all ready, each sees every node of the
     /// cluster as a voter, and all report the same leader; returns it.
     pub async fn wait_agreed(&self, nodes: &[usize]) -> String {
