@@ -538,10 +538,9 @@ impl Broker {
             };
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
-                if let Err(err) = crate::connection::serve_internal(
-                    broker, socket, addr, &peer, vhost, shutdown,
-                )
-                .await
+                if let Err(err) =
+                    crate::connection::serve_internal(broker, socket, addr, &peer, vhost, shutdown)
+                        .await
                 {
                     tracing::debug!(%peer, %err, "data link from peer ended");
                 }

@@ -572,6 +572,39 @@ mod tests {
     }
 
     #[test]
+    fn cluster_tls_follows_tls_and_peers_and_needs_a_ca() {
+        // Goal: auto turns cluster TLS on only with TLS and peers; without --tls-ca that is an error naming it; off and on are obeyed.
+        let tls = ["--tls-cert", "c.pem", "--tls-key", "k.pem"];
+        let peers = ["--peers", "a=127.0.0.1:1", "--cluster-secret-file", "s"];
+        let ca = ["--tls-ca", "ca.pem"];
+        let with = |parts: &[&[&str]]| config(&parts.concat());
+        let single = with(&[&tls]).expect("TLS without peers");
+        assert!(!single.tls.expect("tls").cluster);
+        let clustered = with(&[&tls, &peers, &ca]).expect("valid");
+        assert!(clustered.tls.expect("tls").cluster);
+        let err = with(&[&tls, &peers]).expect_err("no CA");
+        assert!(err.to_string().contains("--tls-ca"), "{err}");
+        let off = with(&[&tls, &peers, &["--cluster-tls", "off"]]).expect("off needs no CA");
+        assert!(!off.tls.expect("tls").cluster);
+        let err = with(&[&peers, &["--cluster-tls", "on"]]).expect_err("on without TLS");
+        assert!(err.to_string().contains("--cluster-tls"), "{err}");
+        let err = with(&[&tls, &["--cluster-tls", "yes"]]).expect_err("junk");
+        assert!(err.to_string().contains("--cluster-tls"), "{err}");
+        assert!(with(&[&[]]).expect("defaults").tls.is_none());
+    }
+
+    #[test]
+    fn plain_amqp_can_be_switched_off_only_when_amqps_remains() {
+        // Goal: --no-plain-amqp with TLS leaves AMQPS alone; without TLS it is an error naming the flag.
+        assert!(config(&[]).expect("defaults").amqp_plain);
+        let only_tls = config(&["--no-plain-amqp", "--tls-cert", "c", "--tls-key", "k"])
+            .expect("AMQPS remains");
+        assert!(!only_tls.amqp_plain);
+        let err = config(&["--no-plain-amqp"]).expect_err("no listener left");
+        assert!(err.to_string().contains("--no-plain-amqp"), "{err}");
+    }
+
+    #[test]
     fn malformed_inputs_are_rejected_with_their_flag() {
         // Goal: each malformed value is refused and the message names its flag.
         let cases: &[(&[&str], &str)] = &[

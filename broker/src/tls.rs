@@ -173,9 +173,10 @@ impl Configs {
         let https = server(None, vec![b"http/1.1".to_vec()])?;
         let cluster = match (&roots, tls.cluster) {
             (Some((path, roots)), true) => {
-                let verifier = WebPkiServerVerifier::builder_with_provider(roots.clone(), provider())
-                    .build()
-                    .map_err(|err| file_error("tls-ca", path, err))?;
+                let verifier =
+                    WebPkiServerVerifier::builder_with_provider(roots.clone(), provider())
+                        .build()
+                        .map_err(|err| file_error("tls-ca", path, err))?;
                 let client = ClientConfig::builder_with_provider(provider())
                     .with_safe_default_protocol_versions()
                     .map_err(|err| Error::Rustls(err.to_string()))?
@@ -321,7 +322,8 @@ impl Certificates {
             }
             let certificates = self.clone();
             // File reads and key parsing are blocking work.
-            let outcome = tokio::task::spawn_blocking(move || certificates.reload_if_changed()).await;
+            let outcome =
+                tokio::task::spawn_blocking(move || certificates.reload_if_changed()).await;
             match outcome {
                 Ok(Reload::Unchanged) => {}
                 Ok(Reload::Reloaded) => tracing::info!(
@@ -466,6 +468,59 @@ mod tests {
         assert_eq!(common_name(certificate.der()).as_deref(), Some("app-user"));
         assert_eq!(common_name(b"not a certificate"), None);
         assert_eq!(common_name(&certificate.der()[..40]), None);
+    }
+
+    /// A self-signed certificate for 127.0.0.1 and its key, as PEM.
+    fn self_signed() -> (String, String) {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).expect("params");
+        let certificate = params.self_signed(&key).expect("certificate");
+        (certificate.pem(), key.serialize_pem())
+    }
+
+    #[test]
+    fn changed_files_are_reloaded_and_broken_ones_keep_the_previous_configuration() {
+        // Goal: unchanged files do nothing; new valid files replace the configuration and count a reload; garbage keeps it and counts a failure once.
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (cert, key) = self_signed();
+        let tls = TlsConfig {
+            cert: dir.path().join("tls.crt"),
+            key: dir.path().join("tls.key"),
+            ca: None,
+            amqps_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            cluster: false,
+        };
+        std::fs::write(&tls.cert, cert).expect("write");
+        std::fs::write(&tls.key, key).expect("write");
+        let metrics = Metrics::new();
+        let certificates = Certificates::load(&tls, &metrics).expect("valid files");
+        let first = certificates.current();
+        assert!(matches!(
+            certificates.reload_if_changed(),
+            Reload::Unchanged
+        ));
+        assert!(Arc::ptr_eq(&first, &certificates.current()));
+
+        let (cert, key) = self_signed();
+        std::fs::write(&tls.cert, cert).expect("write");
+        std::fs::write(&tls.key, key).expect("write");
+        assert!(matches!(certificates.reload_if_changed(), Reload::Reloaded));
+        let second = certificates.current();
+        assert!(!Arc::ptr_eq(&first, &second));
+        assert_eq!(metrics.tls_reloads_total.get(), 1);
+
+        std::fs::write(&tls.cert, "garbage").expect("write");
+        let failed = certificates.reload_if_changed();
+        assert!(
+            matches!(&failed, Reload::Failed(err) if err.to_string().contains("--tls-cert")),
+            "{failed:?}"
+        );
+        assert!(Arc::ptr_eq(&second, &certificates.current()));
+        assert!(matches!(
+            certificates.reload_if_changed(),
+            Reload::Unchanged
+        ));
+        assert_eq!(metrics.tls_reload_failures_total.get(), 1);
     }
 
     #[test]

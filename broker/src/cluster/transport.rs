@@ -356,7 +356,9 @@ async fn serve_connection(
     peer_addr: SocketAddr,
     inbox: mpsc::Sender<Message>,
 ) -> Result<(), Ended> {
-    stream.set_nodelay(true).map_err(|err| Ended::Closed(err.into()))?;
+    stream
+        .set_nodelay(true)
+        .map_err(|err| Ended::Closed(err.into()))?;
     let handshake = async {
         let mut stream = accept_stream(&inner, stream).await?;
         let (kind, payload) = read_frame(&mut stream).await?;
@@ -431,7 +433,9 @@ async fn serve_connection(
                 .expect("lock is not poisoned")
                 .clone();
             let Some(handler) = handler else {
-                return Err(Ended::Closed(Error::Protocol("this node takes no data links")));
+                return Err(Ended::Closed(Error::Protocol(
+                    "this node takes no data links",
+                )));
             };
             handler(peer.name.clone(), vhost, stream, peer_addr);
             return Ok(());
@@ -476,11 +480,12 @@ async fn dial(inner: &Inner, addr: &str) -> Result<ClusterStream, Error> {
                     .connect(name, stream)
                     .await
                     .map_err(|err| match err.kind() {
-                        std::io::ErrorKind::UnexpectedEof
-                        | std::io::ErrorKind::ConnectionReset => Error::TlsMismatch(
-                            "the peer hung up during the TLS handshake: it does not run \
+                        std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset => {
+                            Error::TlsMismatch(
+                                "the peer hung up during the TLS handshake: it does not run \
                              cluster TLS, or refused this node's certificate",
-                        ),
+                            )
+                        }
                         _ => Error::Tls(err.to_string()),
                     })?;
                 tokio_util::either::Either::Right(tokio_rustls::TlsStream::Client(stream))
@@ -508,11 +513,15 @@ async fn dial(inner: &Inner, addr: &str) -> Result<ClusterStream, Error> {
                 ));
             }
             // With TLS 1.3 the server checks our certificate after our side
-            // of the handshake is done: its refusal arrives as an alert here.
-            Err(Error::Io(err))
-                if inner.tls.is_some() && err.kind() == std::io::ErrorKind::InvalidData =>
-            {
-                return Err(Error::Tls(err.to_string()));
+            // of the handshake is done: its refusal arrives here, as an
+            // alert or as the connection ending.
+            Err(Error::Io(err)) if inner.tls.is_some() => {
+                return Err(Error::Tls(match err.kind() {
+                    std::io::ErrorKind::InvalidData => err.to_string(),
+                    _ => format!(
+                        "the peer ended the connection ({err}): it refused this node's certificate"
+                    ),
+                }));
             }
             Err(err) => return Err(err),
         };
@@ -571,7 +580,11 @@ async fn peer_task(inner: Arc<Inner>, name: String, mut rx: mpsc::Receiver<Vec<u
                     } else {
                         tracing::debug!(peer = %name, %addr, %err, "cluster dial failed");
                     }
-                    last_refusal = if err.is_refusal() { text } else { String::new() };
+                    last_refusal = if err.is_refusal() {
+                        text
+                    } else {
+                        String::new()
+                    };
                 }),
             None => Err(()),
         };
@@ -619,6 +632,17 @@ pub fn default_advertise(addr: SocketAddr) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_name_checked_against_a_peer_certificate_is_the_dialed_host() {
+        // Goal: host names, IPv4 and bracketed IPv6 addresses lose their port (and brackets).
+        assert_eq!(
+            host_of("synod-0.synod-nodes.ns.svc:25672"),
+            "synod-0.synod-nodes.ns.svc"
+        );
+        assert_eq!(host_of("127.0.0.1:25672"), "127.0.0.1");
+        assert_eq!(host_of("[::1]:25672"), "::1");
+    }
 
     #[test]
     fn hmac_matches_rfc_4231_case_2() {
