@@ -1,7 +1,8 @@
-//! Listeners and lifecycle: binds the AMQP socket and, with TLS configured,
-//! the AMQPS socket (and, with [`start_serving`], the management and metrics
-//! sockets, HTTPS when TLS is configured), accepts connections (one
-//! connection bound for AMQP and AMQPS together), runs housekeeping, and
+//! Listeners and lifecycle: binds the AMQP socket (unless `--no-plain-amqp`)
+//! and, with TLS configured, the AMQPS socket (and, with [`start_serving`],
+//! the management and metrics sockets, HTTPS when TLS is configured),
+//! accepts connections (one connection bound for AMQP and AMQPS together),
+//! watches the TLS files for a renewed certificate, runs housekeeping, and
 //! drains on shutdown. Shutdown is a future passed in, so tests and `main`
 //! control it. Must not speak AMQP itself: `connection` does.
 
