@@ -129,7 +129,7 @@ struct FileConfig {
     tls_key: Option<PathBuf>,
     tls_ca: Option<PathBuf>,
     amqps_listen: Option<String>,
-    no_plain_amqp: Option<bool>,
+    no_plain_amqp: Option<FileBool>,
     cluster_tls: Option<String>,
     max_message_size: Option<u64>,
     metrics_per_queue: Option<bool>,
@@ -137,6 +137,28 @@ struct FileConfig {
     default_pass: Option<String>,
     default_pass_file: Option<PathBuf>,
     queue_memory_max: Option<String>,
+}
+
+/// A boolean in the `--config` file: `true`, or the string `"true"` (the
+/// operator's `spec.config` carries strings and integers only).
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(untagged)]
+enum FileBool {
+    Bool(bool),
+    Text(TextBool),
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum TextBool {
+    True,
+    False,
+}
+
+impl From<FileBool> for bool {
+    fn from(value: FileBool) -> bool {
+        matches!(value, FileBool::Bool(true) | FileBool::Text(TextBool::True))
+    }
 }
 
 /// The administrator a new broker creates instead of `guest`.
@@ -284,7 +306,7 @@ impl Config {
                  or turn cluster TLS off with --cluster-tls off",
             ));
         }
-        let amqp_plain = !(args.no_plain_amqp || file.no_plain_amqp.unwrap_or(false));
+        let amqp_plain = !(args.no_plain_amqp || file.no_plain_amqp.is_some_and(bool::from));
         if !amqp_plain && tls.is_none() {
             return Err(invalid(
                 "no-plain-amqp",
@@ -602,6 +624,26 @@ mod tests {
         assert!(!only_tls.amqp_plain);
         let err = config(&["--no-plain-amqp"]).expect_err("no listener left");
         assert!(err.to_string().contains("--no-plain-amqp"), "{err}");
+        // In a --config file, as a TOML boolean or as the string the operator writes.
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("synod.toml");
+        let path_str = path.to_str().expect("utf-8 path");
+        for (line, plain) in [
+            ("no-plain-amqp = true", false),
+            ("no-plain-amqp = \"true\"", false),
+            ("no-plain-amqp = \"false\"", true),
+            ("no-plain-amqp = false", true),
+        ] {
+            std::fs::write(
+                &path,
+                format!("{line}\ntls-cert = \"c\"\ntls-key = \"k\"\n"),
+            )
+            .expect("write config");
+            let config = config(&["--config", path_str]).expect(line);
+            assert_eq!(config.amqp_plain, plain, "{line}");
+        }
+        std::fs::write(&path, "no-plain-amqp = \"maybe\"\n").expect("write config");
+        assert!(config(&["--config", path_str]).is_err());
     }
 
     #[test]
