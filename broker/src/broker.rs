@@ -585,14 +585,15 @@ impl Broker {
         }
         let broker = Arc::downgrade(self);
         let shutdown = transport.shutdown_signal();
-        transport.set_data_link_handler(Arc::new(move |peer, vhost, socket| {
+        transport.set_data_link_handler(Arc::new(move |peer, vhost, socket, addr| {
             let Some(broker) = broker.upgrade() else {
                 return;
             };
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
                 if let Err(err) =
-                    crate::connection::serve_internal(broker, socket, &peer, vhost, shutdown).await
+                    crate::connection::serve_internal(broker, socket, addr, &peer, vhost, shutdown)
+                        .await
                 {
                     tracing::debug!(%peer, %err, "data link from peer ended");
                 }

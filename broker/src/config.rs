@@ -76,6 +76,14 @@ pub struct Args {
     /// AMQP over TLS listen address (default when TLS is configured: `0.0.0.0:5671`).
     #[arg(long, env = "SYNOD_AMQPS_LISTEN")]
     pub amqps_listen: Option<String>,
+    /// Serve no plain AMQP (`--amqp-listen` is not bound): only AMQPS.
+    /// Needs `--tls-cert` and `--tls-key`.
+    #[arg(long, env = "SYNOD_NO_PLAIN_AMQP")]
+    pub no_plain_amqp: bool,
+    /// TLS on the cluster port: `auto` (default: on when `--tls-cert` is
+    /// given), `on` or `off`. On needs `--tls-ca` when `--peers` is given.
+    #[arg(long, env = "SYNOD_CLUSTER_TLS")]
+    pub cluster_tls: Option<String>,
     /// Largest message body accepted, in bytes (default 134217728 = 128 MiB,
     /// at most 536870912); a larger publish closes its channel with 406.
     #[arg(long, env = "SYNOD_MAX_MESSAGE_SIZE")]
@@ -121,12 +129,36 @@ struct FileConfig {
     tls_key: Option<PathBuf>,
     tls_ca: Option<PathBuf>,
     amqps_listen: Option<String>,
+    no_plain_amqp: Option<FileBool>,
+    cluster_tls: Option<String>,
     max_message_size: Option<u64>,
     metrics_per_queue: Option<bool>,
     default_user: Option<String>,
     default_pass: Option<String>,
     default_pass_file: Option<PathBuf>,
     queue_memory_max: Option<String>,
+}
+
+/// A boolean in the `--config` file: `true`, or the string `"true"` (the
+/// operator's `spec.config` carries strings and integers only).
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(untagged)]
+enum FileBool {
+    Bool(bool),
+    Text(TextBool),
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum TextBool {
+    True,
+    False,
+}
+
+impl From<FileBool> for bool {
+    fn from(value: FileBool) -> bool {
+        matches!(value, FileBool::Bool(true) | FileBool::Text(TextBool::True))
+    }
 }
 
 /// The administrator a new broker creates instead of `guest`.
@@ -159,6 +191,9 @@ pub struct TlsConfig {
     pub ca: Option<PathBuf>,
     /// AMQPS listen address.
     pub amqps_listen: SocketAddr,
+    /// Whether connections on the cluster port are TLS (cluster TLS on and
+    /// the node has peers); `ca` is then present.
+    pub cluster: bool,
 }
 
 /// The validated configuration the broker runs with.
@@ -168,8 +203,11 @@ pub struct Config {
     pub node_name: String,
     /// Directory for durable state.
     pub data_dir: PathBuf,
-    /// AMQP listen address.
+    /// AMQP listen address (not bound when `amqp_plain` is false).
     pub amqp_listen: SocketAddr,
+    /// Whether plain AMQP is served on `amqp_listen` (`--no-plain-amqp`
+    /// turns it off; AMQPS is then the only AMQP listener).
+    pub amqp_plain: bool,
     /// Management API listen address.
     pub mgmt_listen: SocketAddr,
     /// Metrics listen address.
@@ -231,6 +269,7 @@ impl Config {
                 "is required when --peers is given",
             ));
         }
+        let cluster_tls = parse_cluster_tls(args.cluster_tls.or(file.cluster_tls).as_deref())?;
         let tls = match (
             args.tls_cert.or(file.tls_cert),
             args.tls_key.or(file.tls_key),
@@ -245,10 +284,35 @@ impl Config {
                     args.amqps_listen.or(file.amqps_listen),
                     5671,
                 )?,
+                // Without peers there is no cluster traffic to protect.
+                cluster: cluster_tls != Some(false) && !peers.is_empty(),
             }),
             (Some(_), None) => return Err(invalid("tls-key", "is required with --tls-cert")),
             (None, Some(_)) => return Err(invalid("tls-cert", "is required with --tls-key")),
         };
+        if cluster_tls == Some(true) && tls.is_none() {
+            return Err(invalid(
+                "cluster-tls",
+                "on needs --tls-cert and --tls-key (and --tls-ca)",
+            ));
+        }
+        if let Some(tls) = &tls
+            && tls.cluster
+            && tls.ca.is_none()
+        {
+            return Err(invalid(
+                "tls-ca",
+                "is required for TLS between cluster nodes (--peers with --tls-cert); \
+                 or turn cluster TLS off with --cluster-tls off",
+            ));
+        }
+        let amqp_plain = !(args.no_plain_amqp || file.no_plain_amqp.is_some_and(bool::from));
+        if !amqp_plain && tls.is_none() {
+            return Err(invalid(
+                "no-plain-amqp",
+                "leaves no AMQP listener: AMQPS needs --tls-cert and --tls-key",
+            ));
+        }
         let max_message_size = args
             .max_message_size
             .or(file.max_message_size)
@@ -276,6 +340,7 @@ impl Config {
             node_name,
             data_dir,
             amqp_listen,
+            amqp_plain,
             mgmt_listen,
             metrics_listen,
             cluster_listen,
@@ -368,6 +433,19 @@ fn parse_bytes(flag: &'static str, text: &str) -> Result<u64, Error> {
                 format!("{text:?} is not a size like 67108864 or 64MiB"),
             )
         })
+}
+
+/// Parses `--cluster-tls`: `None` for `auto` (on when TLS is configured).
+fn parse_cluster_tls(value: Option<&str>) -> Result<Option<bool>, Error> {
+    match value.map(str::trim) {
+        None | Some("auto") => Ok(None),
+        Some("on") => Ok(Some(true)),
+        Some("off") => Ok(Some(false)),
+        Some(other) => Err(invalid(
+            "cluster-tls",
+            format!("{other:?} is not auto, on or off"),
+        )),
+    }
 }
 
 fn invalid(flag: &'static str, reason: impl Into<String>) -> Error {
@@ -513,6 +591,59 @@ mod tests {
         // Goal: --peers alone is a configuration error naming --cluster-secret-file.
         let err = config(&["--peers", "a=127.0.0.1:25672"]).expect_err("must fail");
         assert!(err.to_string().contains("--cluster-secret-file"), "{err}");
+    }
+
+    #[test]
+    fn cluster_tls_follows_tls_and_peers_and_needs_a_ca() {
+        // Goal: auto turns cluster TLS on only with TLS and peers; without --tls-ca that is an error naming it; off and on are obeyed.
+        let tls = ["--tls-cert", "c.pem", "--tls-key", "k.pem"];
+        let peers = ["--peers", "a=127.0.0.1:1", "--cluster-secret-file", "s"];
+        let ca = ["--tls-ca", "ca.pem"];
+        let with = |parts: &[&[&str]]| config(&parts.concat());
+        let single = with(&[&tls]).expect("TLS without peers");
+        assert!(!single.tls.expect("tls").cluster);
+        let clustered = with(&[&tls, &peers, &ca]).expect("valid");
+        assert!(clustered.tls.expect("tls").cluster);
+        let err = with(&[&tls, &peers]).expect_err("no CA");
+        assert!(err.to_string().contains("--tls-ca"), "{err}");
+        let off = with(&[&tls, &peers, &["--cluster-tls", "off"]]).expect("off needs no CA");
+        assert!(!off.tls.expect("tls").cluster);
+        let err = with(&[&peers, &["--cluster-tls", "on"]]).expect_err("on without TLS");
+        assert!(err.to_string().contains("--cluster-tls"), "{err}");
+        let err = with(&[&tls, &["--cluster-tls", "yes"]]).expect_err("junk");
+        assert!(err.to_string().contains("--cluster-tls"), "{err}");
+        assert!(with(&[&[]]).expect("defaults").tls.is_none());
+    }
+
+    #[test]
+    fn plain_amqp_can_be_switched_off_only_when_amqps_remains() {
+        // Goal: --no-plain-amqp with TLS leaves AMQPS alone; without TLS it is an error naming the flag.
+        assert!(config(&[]).expect("defaults").amqp_plain);
+        let only_tls = config(&["--no-plain-amqp", "--tls-cert", "c", "--tls-key", "k"])
+            .expect("AMQPS remains");
+        assert!(!only_tls.amqp_plain);
+        let err = config(&["--no-plain-amqp"]).expect_err("no listener left");
+        assert!(err.to_string().contains("--no-plain-amqp"), "{err}");
+        // In a --config file, as a TOML boolean or as the string the operator writes.
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("synod.toml");
+        let path_str = path.to_str().expect("utf-8 path");
+        for (line, plain) in [
+            ("no-plain-amqp = true", false),
+            ("no-plain-amqp = \"true\"", false),
+            ("no-plain-amqp = \"false\"", true),
+            ("no-plain-amqp = false", true),
+        ] {
+            std::fs::write(
+                &path,
+                format!("{line}\ntls-cert = \"c\"\ntls-key = \"k\"\n"),
+            )
+            .expect("write config");
+            let config = config(&["--config", path_str]).expect(line);
+            assert_eq!(config.amqp_plain, plain, "{line}");
+        }
+        std::fs::write(&path, "no-plain-amqp = \"maybe\"\n").expect("write config");
+        assert!(config(&["--config", path_str]).is_err());
     }
 
     #[test]

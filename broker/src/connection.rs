@@ -193,19 +193,21 @@ where
     result
 }
 
-/// Serves an inbound data link from `peer_node` as an internal connection
-/// on `vhost`: no AMQP handshake (the cluster handshake authenticated the
+/// Serves an inbound data link from `peer_node` (socket address `peer`) as
+/// an internal connection on `vhost`: no AMQP handshake (the cluster handshake authenticated the
 /// peer), full permissions, targeted publishes allowed. Ends when the link
 /// closes or `shutdown` fires.
-pub async fn serve_internal(
+pub async fn serve_internal<S>(
     broker: Arc<Broker>,
-    socket: tokio::net::TcpStream,
+    socket: S,
+    peer: SocketAddr,
     peer_node: &str,
     vhost: String,
     mut shutdown: watch::Receiver<bool>,
-) -> Result<(), Error> {
-    let _ = socket.set_nodelay(true);
-    let peer = socket.peer_addr()?;
+) -> Result<(), Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
     if !broker.has_vhost(&vhost) {
         return Ok(());
     }

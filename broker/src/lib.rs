@@ -9,7 +9,7 @@
 //! - [`meta`]: metadata changed only by `Command`s through `Metadata::apply` (pure).
 //! - [`auth`]: RabbitMQ-compatible password hashes, PLAIN / AMQPLAIN / EXTERNAL.
 //! - [`login_throttle`]: failed logins per address; delays replies to guessers.
-//! - [`tls`]: TLS server configuration, client-certificate names, HTTPS listener.
+//! - [`tls`]: TLS configurations (reloaded when the files change), client-certificate names, HTTPS listener.
 //! - [`protocol`]: AMQP 0-9-1 frames, methods and field tables (pure; no tokio).
 //! - [`connection`]: sockets <-> frames, handshake, heartbeats, flow control.
 //! - [`channel`]: per-channel state: consumers, unacked deliveries, confirms, qos.

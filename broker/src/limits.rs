@@ -39,6 +39,9 @@ pub const AUTH_FAILURE_DELAY_MS: u64 = 2_000;
 pub const AUTH_FAILURE_ADDRESSES_MAX: usize = 10_000;
 /// TLS handshakes in progress on one HTTPS listener; beyond this, accepts wait.
 pub const HTTPS_HANDSHAKES_MAX: usize = 256;
+/// Period at which the TLS certificate, key and CA files are read again to
+/// pick up a renewed certificate, in milliseconds.
+pub const TLS_RELOAD_INTERVAL_MS: u64 = 2_000;
 /// Ready-message bytes above which publishing connections are blocked.
 pub const MEMORY_HIGH_WATERMARK_BYTES: u64 = 1024 * 1024 * 1024;
 /// Period of the broker's housekeeping (message TTL, `x-expires`, memory alarm), in milliseconds.

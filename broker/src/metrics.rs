@@ -57,6 +57,10 @@ pub struct Metrics {
     pub auth_failures_total: IntCounter,
     /// AMQP and AMQPS sockets closed at accept because the connection limit was reached.
     pub connections_refused_total: IntCounter,
+    /// Successful reloads of changed TLS certificate, key or CA files.
+    pub tls_reloads_total: IntCounter,
+    /// Changed TLS files that could not be used (the previous ones stay).
+    pub tls_reload_failures_total: IntCounter,
     /// Members of the agreed cluster configuration.
     pub cluster_members: IntGauge,
     /// 1 when this node is the Paxos leader.
@@ -223,6 +227,14 @@ impl Metrics {
             connections_refused_total: counter(
                 "synod_connections_refused_total",
                 "AMQP and AMQPS sockets closed at accept because the connection limit was reached",
+            ),
+            tls_reloads_total: counter(
+                "synod_tls_reloads_total",
+                "Changed TLS certificate, key or CA files put into use",
+            ),
+            tls_reload_failures_total: counter(
+                "synod_tls_reload_failures_total",
+                "Changed TLS files that could not be used; the previous ones stay in use",
             ),
             cluster_members: gauge(
                 "synod_cluster_members",

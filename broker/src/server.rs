@@ -1,7 +1,8 @@
-//! Listeners and lifecycle: binds the AMQP socket and, with TLS configured,
-//! the AMQPS socket (and, with [`start_serving`], the management and metrics
-//! sockets, HTTPS when TLS is configured), accepts connections (one
-//! connection bound for AMQP and AMQPS together), runs housekeeping, and
+//! Listeners and lifecycle: binds the AMQP socket (unless `--no-plain-amqp`)
+//! and, with TLS configured, the AMQPS socket (and, with [`start_serving`],
+//! the management and metrics sockets, HTTPS when TLS is configured),
+//! accepts connections (one connection bound for AMQP and AMQPS together),
+//! watches the TLS files for a renewed certificate, runs housekeeping, and
 //! drains on shutdown. Shutdown is a future passed in, so tests and `main`
 //! control it. Must not speak AMQP itself: `connection` does.
 
@@ -14,6 +15,8 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
+
+use crate::tls::Certificates;
 
 use crate::broker::{Broker, Settings};
 use crate::config::Config;
@@ -66,8 +69,11 @@ impl Error {
 /// A broker running in the background.
 #[derive(Debug)]
 pub struct RunningBroker {
-    /// The bound AMQP address (the real port when configured with 0).
+    /// The bound AMQP address (the real port when configured with 0); the
+    /// AMQPS address when plain AMQP is switched off (`--no-plain-amqp`).
     pub amqp_addr: SocketAddr,
+    /// Whether `amqp_addr` serves plain AMQP.
+    pub amqp_plain: bool,
     /// The bound AMQPS address, when TLS is configured.
     pub amqps_addr: Option<SocketAddr>,
     /// The broker, for inspection and management calls.
@@ -79,6 +85,8 @@ pub struct RunningBroker {
     shutdown: watch::Sender<bool>,
     task: JoinHandle<()>,
     http_tasks: Vec<JoinHandle<()>>,
+    /// The TLS configurations, reloaded when the files change.
+    certificates: Option<Arc<Certificates>>,
 }
 
 impl RunningBroker {
@@ -141,14 +149,7 @@ async fn serve_http(mut running: RunningBroker, config: &Config) -> Result<Runni
             return Err(err);
         }
     };
-    let https = match config.tls.as_ref().map(crate::tls::https_server_config) {
-        None => None,
-        Some(Ok(https)) => Some(https),
-        Some(Err(err)) => {
-            running.shutdown().await;
-            return Err(err.into());
-        }
-    };
+    let https = running.certificates.clone();
     let broker = running.broker.clone();
     let handshake_timeout = Duration::from_millis(broker.settings.handshake_timeout_ms);
     let stop = running.shutdown.subscribe();
@@ -203,14 +204,14 @@ async fn start_inner(
     if let Some(user) = &config.default_user {
         settings.default_user = Some(user.clone());
     }
+    let metrics = Metrics::new();
     // Bad TLS files are a configuration error: report them before any
     // state is opened.
-    let amqps_config = config
+    let certificates = config
         .tls
         .as_ref()
-        .map(crate::tls::amqps_server_config)
+        .map(|tls| Certificates::load(tls, &metrics))
         .transpose()?;
-    let metrics = Metrics::new();
     metrics.set_per_queue(config.metrics_per_queue);
     metrics
         .identity_info
@@ -228,7 +229,7 @@ async fn start_inner(
     if let Some((durable, recovered)) = durable_opened {
         durable.set_queue_memory_max_bytes(config.queue_memory_max_bytes);
         let restored = if clustered {
-            join_cluster(&broker, &config, &durable, recovered).await
+            join_cluster(&broker, &config, &durable, recovered, certificates.clone()).await
         } else {
             durable.restore(&broker, recovered).map_err(Error::from)
         };
@@ -238,17 +239,20 @@ async fn start_inner(
         }
     }
     let listeners = async {
-        let amqp = bind(config.amqp_listen).await?;
-        let amqps = match (&config.tls, amqps_config) {
-            (Some(tls), Some(server_config)) => {
+        let amqp = match config.amqp_plain {
+            true => Some(bind(config.amqp_listen).await?),
+            false => None,
+        };
+        let amqps = match (&config.tls, &certificates) {
+            (Some(tls), Some(certificates)) => {
                 let (listener, addr) = bind(tls.amqps_listen).await?;
-                Some((listener, addr, TlsAcceptor::from(server_config)))
+                Some((listener, addr, certificates.clone()))
             }
             _ => None,
         };
         Ok::<_, Error>((amqp, amqps))
     };
-    let ((listener, amqp_addr), amqps) = match listeners.await {
+    let (amqp, amqps) = match listeners.await {
         Ok(bound) => bound,
         Err(err) => {
             if let Some(cluster) = broker.cluster() {
@@ -261,23 +265,40 @@ async fn start_inner(
         }
     };
     let amqps_addr = amqps.as_ref().map(|(_, addr, _)| *addr);
+    let (listener, amqp_addr) = match amqp {
+        Some((listener, addr)) => (Some(listener), Some(addr)),
+        None => (None, None),
+    };
+    let off = |addr: Option<SocketAddr>| addr.map_or_else(|| "off".to_string(), |a| a.to_string());
     tracing::info!(
-        "synod-broker listening amqp={amqp_addr} amqps={} node={}",
-        amqps_addr.map_or_else(|| "off".to_string(), |a| a.to_string()),
+        "synod-broker listening amqp={} amqps={} node={}",
+        off(amqp_addr),
+        off(amqps_addr),
         config.node_name
     );
     let (shutdown, shutdown_rx) = watch::channel(false);
-    let amqps = amqps.map(|(listener, _, acceptor)| (listener, acceptor));
+    let mut http_tasks = Vec::new();
+    if let Some(certificates) = &certificates {
+        http_tasks.push(tokio::spawn(certificates.clone().watch(
+            Duration::from_millis(limits::TLS_RELOAD_INTERVAL_MS),
+            shutdown_rx.clone(),
+        )));
+    }
+    let amqps = amqps.map(|(listener, _, certificates)| (listener, certificates));
     let task = tokio::spawn(accept_loop(broker.clone(), listener, amqps, shutdown_rx));
     Ok(RunningBroker {
-        amqp_addr,
+        amqp_addr: amqp_addr
+            .or(amqps_addr)
+            .expect("configuration validation leaves at least one AMQP listener"),
+        amqp_plain: amqp_addr.is_some(),
         amqps_addr,
         broker,
         mgmt_addr: None,
         metrics_addr: None,
         shutdown,
         task,
-        http_tasks: Vec::new(),
+        http_tasks,
+        certificates,
     })
 }
 
@@ -291,8 +312,10 @@ async fn join_cluster(
     config: &Config,
     durable: &Arc<crate::durable::Durable>,
     recovered: crate::store::Recovered,
+    certificates: Option<Arc<Certificates>>,
 ) -> Result<(), Error> {
-    let cluster_config = crate::cluster::ClusterConfig::from_broker_config(config)?;
+    let mut cluster_config = crate::cluster::ClusterConfig::from_broker_config(config)?;
+    cluster_config.tls = certificates.filter(|certificates| certificates.cluster_enabled());
     let (node, applied) = crate::cluster::ClusterNode::start(
         cluster_config,
         config.cluster_listen,
@@ -352,8 +375,8 @@ async fn accept_from(
 
 async fn accept_loop(
     broker: Arc<Broker>,
-    listener: TcpListener,
-    amqps: Option<(TcpListener, TlsAcceptor)>,
+    listener: Option<TcpListener>,
+    amqps: Option<(TcpListener, Arc<Certificates>)>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let permits = Arc::new(Semaphore::new(broker.settings.connections_max));
@@ -367,7 +390,7 @@ async fn accept_loop(
             _ = shutdown.changed() => break,
             _ = housekeeping.tick() => broker.tick(),
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
-            accepted = listener.accept() => {
+            accepted = accept_from(listener.as_ref()) => {
                 if let Some((socket, peer, permit)) = admit(&broker, &permits, accepted).await {
                     let deadline = tokio::time::Instant::now() + handshake_timeout;
                     let local = socket.local_addr().unwrap_or(peer);
@@ -383,13 +406,14 @@ async fn accept_loop(
                 }
             }
             accepted = accept_from(amqps.as_ref().map(|(listener, _)| listener)) => {
-                let Some((_, acceptor)) = &amqps else { continue };
+                let Some((_, certificates)) = &amqps else { continue };
                 if let Some((socket, peer, permit)) = admit(&broker, &permits, accepted).await {
                     let deadline = tokio::time::Instant::now() + handshake_timeout;
                     let local = socket.local_addr().unwrap_or(peer);
                     let broker = broker.clone();
                     let shutdown = shutdown.clone();
-                    let acceptor = acceptor.clone();
+                    // The certificate in use now: a reload applies to new connections.
+                    let acceptor = TlsAcceptor::from(certificates.amqps());
                     connections.spawn(async move {
                         serve_tls(broker, acceptor, socket, peer, local, deadline, shutdown).await;
                         drop(permit);

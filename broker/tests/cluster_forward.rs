@@ -705,6 +705,7 @@ async fn targeted_publishes_and_data_links_need_the_cluster() {
         String::new(),
         b"not the secret".to_vec(),
         [("a".to_string(), home)].into_iter().collect(),
+        None,
         shutdown,
     );
     let refused = within(intruder.dial_data_link("a", "/")).await;

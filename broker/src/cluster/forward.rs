@@ -2,9 +2,9 @@
 //! queues. Must not interpret AMQP semantics beyond framing: what a reply
 //! means for a client is decided by the connection that owns the channel.
 //!
-//! A data link is one TCP connection from this (entry) node to a queue's
-//! home node for one vhost, opened on the cluster port with the cluster
-//! handshake (`transport::Transport::dial_data_link`). After the handshake
+//! A data link is one TCP connection (TLS when cluster TLS is on) from this
+//! (entry) node to a queue's home node for one vhost, opened on the cluster
+//! port with the cluster handshake (`transport::Transport::dial_data_link`). After the handshake
 //! it carries AMQP 0-9-1 frames: this node is the client, the home node runs
 //! its ordinary connection handler as an internal, already-authenticated
 //! connection (no SASL, full permissions in the vhost).
@@ -685,7 +685,8 @@ async fn run_link(links: Arc<Links>, link: Arc<Link>, mut frames: mpsc::Unbounde
         }
     };
     tracing::debug!(peer = %link.peer, vhost = %link.vhost, "data link open");
-    let (mut read, mut write) = stream.into_split();
+    // Either half of a TLS stream needs the whole session: a shared split.
+    let (mut read, mut write) = tokio::io::split(stream);
     // Writing has its own task so that a home node busy writing to us
     // (deliveries) never waits on us writing to it (publishes).
     let writer = tokio::spawn(async move {

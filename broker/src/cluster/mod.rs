@@ -5,7 +5,7 @@
 //! - [`node`]: [`ClusterNode`], the task owning the Paxos instance; its API
 //!   (`propose`, the [`Applied`] stream, `status`, `add_member`,
 //!   `remove_member`, `compact`) and the `synod_paxos_*` metrics.
-//! - [`transport`]: TCP framing, the HMAC handshake, per-peer queues.
+//! - [`transport`]: TCP (or TLS) framing, the HMAC handshake, per-peer queues.
 //! - [`storage`]: `<data-dir>/paxos/` (incarnation id, checksummed log).
 //! - [`codec`]: the byte encoding shared by transport and storage.
 //! - [`forward`]: data links to queues' home nodes (cross-node publish,
@@ -39,7 +39,10 @@
 //!
 //! Both ends of every connection prove knowledge of the contents of
 //! `--cluster-secret-file` by HMAC-SHA256 over fresh nonces; the secret never
-//! crosses the wire. Traffic after the handshake is not encrypted.
+//! crosses the wire. With cluster TLS on (`--tls-cert` with `--peers`, see
+//! `broker/SECURITY.md`), that handshake runs inside mutual TLS: the peer's
+//! certificate must chain to `--tls-ca`, and a dialed peer's must name the
+//! dialed host. Without it, traffic after the handshake is not encrypted.
 
 pub mod codec;
 pub mod forward;

@@ -46,6 +46,9 @@ pub struct ClusterConfig {
     pub heartbeat_ticks: u64,
     /// How long `propose` and membership changes wait for a decision.
     pub request_timeout: Duration,
+    /// TLS for every connection on the cluster port (both directions), when
+    /// cluster TLS is on; the secret handshake runs inside it.
+    pub tls: Option<std::sync::Arc<crate::tls::Certificates>>,
 }
 
 impl ClusterConfig {
@@ -61,6 +64,7 @@ impl ClusterConfig {
             election_ticks: 10,
             heartbeat_ticks: 2,
             request_timeout: Duration::from_secs(10),
+            tls: None,
         }
     }
 
@@ -227,6 +231,7 @@ impl ClusterNode {
             advertise,
             config.secret.clone(),
             config.peers.clone(),
+            config.tls.clone(),
             shutdown_rx.clone(),
         );
         let (inbox_tx, inbox_rx) = mpsc::channel(INBOX_MESSAGES_MAX);

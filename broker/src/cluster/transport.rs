@@ -1,6 +1,15 @@
-//! TCP transport between cluster nodes: frames, the mutual HMAC handshake,
-//! one outgoing connection per peer (bounded queue, reconnect with backoff)
-//! and the listener. It moves encoded messages; it knows no Paxos rules.
+//! TCP transport between cluster nodes: TLS (when cluster TLS is on),
+//! frames, the mutual HMAC handshake, one outgoing connection per peer
+//! (bounded queue, reconnect with backoff) and the listener. It moves
+//! encoded messages; it knows no Paxos rules.
+//!
+//! With cluster TLS on, every connection is TLS 1.2/1.3 before any frame:
+//! the listener requires a client certificate chaining to `--tls-ca`, the
+//! dialer requires the server certificate to chain to it and to name the
+//! dialed host (DNS name or IP address) in its subject alternative names.
+//! The HMAC handshake then runs inside TLS: a peer needs both a certificate
+//! and the secret. A plain peer meeting a TLS one (or the reverse) is
+//! refused at once, and both log why.
 //!
 //! Frame: `magic "SY"`, `version: u8` (1), `kind: u8`, `len: u32 LE`, payload.
 //! Kinds: 1 hello, 2 challenge, 3 proof, 4 Paxos message, 5 data link.
@@ -26,6 +35,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, watch};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use super::codec::{Reader, Writer, decode_message, encode_message};
 use super::limits::{
@@ -42,9 +52,17 @@ const KIND_PROOF: u8 = 3;
 const KIND_MESSAGE: u8 = 4;
 const KIND_DATA_LINK: u8 = 5;
 
-/// Receives the sockets of authenticated inbound data links: the peer's
-/// node name, the vhost the link serves, and the socket (AMQP from now on).
-pub type DataLinkHandler = Arc<dyn Fn(String, String, TcpStream) + Send + Sync>;
+/// First byte of a TLS handshake record: how a plain listener recognises a
+/// TLS peer.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// A connection on the cluster port: TLS when cluster TLS is on.
+pub type ClusterStream = tokio_util::either::Either<TcpStream, tokio_rustls::TlsStream<TcpStream>>;
+
+/// Receives authenticated inbound data links: the peer's node name, the
+/// vhost the link serves, the stream (AMQP from now on) and the peer's
+/// socket address.
+pub type DataLinkHandler = Arc<dyn Fn(String, String, ClusterStream, SocketAddr) + Send + Sync>;
 
 /// Why a connection failed.
 #[derive(Debug, thiserror::Error)]
@@ -55,12 +73,37 @@ pub enum Error {
     /// The peer does not speak this protocol or version.
     #[error("protocol: {0}")]
     Protocol(&'static str),
-    /// The peer failed the secret check.
-    #[error("peer failed authentication")]
+    /// The listening peer failed the secret check.
+    #[error("the peer's challenge does not match this node's cluster secret")]
     Authentication,
     /// The handshake took too long.
     #[error("handshake timed out")]
     Timeout,
+    /// The TLS handshake failed (untrusted or missing certificate, name
+    /// mismatch, or a peer that does not speak TLS).
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// One side runs cluster TLS and the other does not.
+    #[error("{0}")]
+    TlsMismatch(&'static str),
+    /// A dialing peer did not prove the cluster secret.
+    #[error("{0}")]
+    Secret(String),
+}
+
+impl Error {
+    /// Whether the peer was refused for what it is (certificate, secret,
+    /// protocol) rather than lost to the network: worth a warning.
+    fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            Error::Authentication
+                | Error::Secret(_)
+                | Error::Tls(_)
+                | Error::TlsMismatch(_)
+                | Error::Protocol(_)
+        )
+    }
 }
 
 /// HMAC-SHA256 (RFC 2104) over the concatenation of `parts`.
@@ -124,6 +167,9 @@ struct Inner {
     id: NodeId,
     advertise: String,
     secret: Vec<u8>,
+    /// Cluster TLS, when on: configurations re-read at every connection so
+    /// that a renewed certificate is used without a restart.
+    tls: Option<Arc<crate::tls::Certificates>>,
     /// Where each node name listens: the seed list, plus what peers announce.
     addresses: Mutex<BTreeMap<String, String>>,
     outgoing: Mutex<BTreeMap<String, mpsc::Sender<Vec<u8>>>>,
@@ -139,12 +185,14 @@ pub struct Transport {
 }
 
 impl Transport {
-    /// A transport for `id`, announcing `advertise` and proving `secret`.
+    /// A transport for `id`, announcing `advertise` and proving `secret`,
+    /// over TLS with `tls`'s certificates when given.
     pub fn new(
         id: NodeId,
         advertise: String,
         secret: Vec<u8>,
         seeds: BTreeMap<String, String>,
+        tls: Option<Arc<crate::tls::Certificates>>,
         shutdown: watch::Receiver<bool>,
     ) -> Transport {
         Transport {
@@ -152,6 +200,7 @@ impl Transport {
                 id,
                 advertise,
                 secret,
+                tls,
                 addresses: Mutex::new(seeds),
                 outgoing: Mutex::new(BTreeMap::new()),
                 shutdown,
@@ -195,8 +244,8 @@ impl Transport {
     }
 
     /// Opens an authenticated data link to `peer` for `vhost`: after the
-    /// handshake and the purpose frame, the returned socket carries AMQP.
-    pub async fn dial_data_link(&self, peer: &str, vhost: &str) -> Result<TcpStream, Error> {
+    /// handshake and the purpose frame, the returned stream carries AMQP.
+    pub async fn dial_data_link(&self, peer: &str, vhost: &str) -> Result<ClusterStream, Error> {
         let addr = self
             .inner
             .addresses
@@ -243,8 +292,14 @@ impl Transport {
                 let inbox = inbox.clone();
                 tokio::spawn(async move {
                     let _permit = permit;
-                    if let Err(err) = serve_connection(inner, stream, inbox).await {
-                        tracing::debug!(%peer, %err, "cluster connection closed");
+                    match serve_connection(inner, stream, peer, inbox).await {
+                        Ok(()) => {}
+                        Err(Ended::Refused(err)) => {
+                            tracing::warn!(%peer, %err, "cluster connection refused");
+                        }
+                        Err(Ended::Closed(err)) => {
+                            tracing::debug!(%peer, %err, "cluster connection closed");
+                        }
                     }
                 });
             }
@@ -252,15 +307,61 @@ impl Transport {
     }
 }
 
+/// How an inbound connection ended badly: refused during the handshake
+/// (logged as a warning: a misconfigured or hostile peer), or closed
+/// after it (a peer going away).
+enum Ended {
+    Refused(Error),
+    Closed(Error),
+}
+
+/// Completes TLS on an accepted socket when cluster TLS is on; otherwise
+/// checks that the peer is not trying to speak TLS to a plain node.
+async fn accept_stream(inner: &Inner, stream: TcpStream) -> Result<ClusterStream, Error> {
+    let mut first = [0u8; 1];
+    let n = stream.peek(&mut first).await?;
+    if n == 0 {
+        return Err(Error::Protocol("closed before the handshake"));
+    }
+    let Some(tls) = &inner.tls else {
+        if first[0] == TLS_HANDSHAKE_RECORD {
+            return Err(Error::TlsMismatch(
+                "the peer speaks TLS but cluster TLS is off on this node \
+                 (give every node --tls-cert, --tls-key and --tls-ca, or --cluster-tls off)",
+            ));
+        }
+        return Ok(tokio_util::either::Either::Left(stream));
+    };
+    if first[0] == FRAME_MAGIC[0] {
+        return Err(Error::TlsMismatch(
+            "the peer dialed without TLS but this node requires cluster TLS \
+             (give every node --tls-cert, --tls-key and --tls-ca, or --cluster-tls off)",
+        ));
+    }
+    let Some(configs) = tls.cluster() else {
+        return Err(Error::Tls("no cluster TLS configuration".into()));
+    };
+    let stream = TlsAcceptor::from(configs.server)
+        .accept(stream)
+        .await
+        .map_err(|err| Error::Tls(err.to_string()))?;
+    Ok(tokio_util::either::Either::Right(
+        tokio_rustls::TlsStream::Server(stream),
+    ))
+}
+
 async fn serve_connection(
     inner: Arc<Inner>,
     stream: TcpStream,
+    peer_addr: SocketAddr,
     inbox: mpsc::Sender<Message>,
-) -> Result<(), Error> {
-    stream.set_nodelay(true)?;
-    let (mut read, mut write) = stream.into_split();
+) -> Result<(), Ended> {
+    stream
+        .set_nodelay(true)
+        .map_err(|err| Ended::Closed(err.into()))?;
     let handshake = async {
-        let (kind, payload) = read_frame(&mut read).await?;
+        let mut stream = accept_stream(&inner, stream).await?;
+        let (kind, payload) = read_frame(&mut stream).await?;
         if kind != KIND_HELLO {
             return Err(Error::Protocol("expected hello"));
         }
@@ -273,21 +374,40 @@ async fn serve_connection(
         let mut w = Writer::default();
         w.bytes(&nonce);
         w.bytes(&mac);
-        write_frame(&mut write, KIND_CHALLENGE, &w.buf).await?;
-        let (kind, proof) = read_frame(&mut read).await?;
+        write_frame(&mut stream, KIND_CHALLENGE, &w.buf).await?;
+        stream.flush().await?;
+        let (kind, proof) = match read_frame(&mut stream).await {
+            Ok(frame) => frame,
+            // The dialer checks our challenge first and hangs up when it
+            // does not match its secret.
+            Err(Error::Io(err)) if err.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return Err(Error::Secret(format!(
+                    "node {} hung up after the challenge: it does not hold this node's cluster secret",
+                    peer.name
+                )));
+            }
+            Err(err) => return Err(err),
+        };
         let expected = hmac_sha256(
             &inner.secret,
             &[b"synod-dialer", &nonce, &nonce_dialer, peer.name.as_bytes()],
         );
         if kind != KIND_PROOF || !equal_in_constant_time(&proof, &expected) {
-            return Err(Error::Authentication);
+            return Err(Error::Secret(format!(
+                "node {}'s proof does not match this node's cluster secret",
+                peer.name
+            )));
         }
-        Ok((peer, advertise))
+        Ok((stream, peer, advertise))
     };
-    let (peer, advertise) =
+    let (mut stream, peer, advertise) =
         tokio::time::timeout(Duration::from_millis(HANDSHAKE_TIMEOUT_MS), handshake)
             .await
-            .map_err(|_| Error::Timeout)??;
+            .map_err(|_| Ended::Refused(Error::Timeout))?
+            .map_err(|err| match err.is_refusal() {
+                true => Ended::Refused(err),
+                false => Ended::Closed(err),
+            })?;
     tracing::debug!(%peer, %advertise, "cluster peer connected");
     if !advertise.is_empty() {
         inner
@@ -300,52 +420,111 @@ async fn serve_connection(
     let mut first = true;
     loop {
         let (kind, payload) = tokio::select! {
-            frame = read_frame(&mut read) => frame?,
+            frame = read_frame(&mut stream) => frame.map_err(Ended::Closed)?,
             _ = shutdown.changed() => return Ok(()),
         };
         if first && kind == KIND_DATA_LINK {
             let vhost = Reader::new(&payload)
                 .str()
-                .map_err(|_| Error::Protocol("malformed data link frame"))?;
+                .map_err(|_| Ended::Closed(Error::Protocol("malformed data link frame")))?;
             let handler = inner
                 .data_links
                 .lock()
                 .expect("lock is not poisoned")
                 .clone();
             let Some(handler) = handler else {
-                return Err(Error::Protocol("this node takes no data links"));
+                return Err(Ended::Closed(Error::Protocol(
+                    "this node takes no data links",
+                )));
             };
-            let stream = read
-                .reunite(write)
-                .map_err(|_| Error::Protocol("socket halves do not match"))?;
-            handler(peer.name.clone(), vhost, stream);
+            handler(peer.name.clone(), vhost, stream, peer_addr);
             return Ok(());
         }
         first = false;
         if kind != KIND_MESSAGE {
-            return Err(Error::Protocol("expected a message frame"));
+            return Err(Ended::Closed(Error::Protocol("expected a message frame")));
         }
-        let msg = decode_message(&payload).map_err(|_| Error::Protocol("malformed message"))?;
+        let msg = decode_message(&payload)
+            .map_err(|_| Ended::Closed(Error::Protocol("malformed message")))?;
         if inbox.send(msg).await.is_err() {
             return Ok(());
         }
     }
 }
 
-async fn dial(inner: &Inner, addr: &str) -> Result<TcpStream, Error> {
+/// The host part of `host:port` (brackets of an IPv6 literal removed): the
+/// name the peer's certificate must carry.
+fn host_of(addr: &str) -> &str {
+    let host = addr.rsplit_once(':').map_or(addr, |(host, _)| host);
+    host.strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host)
+}
+
+async fn dial(inner: &Inner, addr: &str) -> Result<ClusterStream, Error> {
     let connect = TcpStream::connect(addr);
-    let mut stream = tokio::time::timeout(Duration::from_millis(CONNECT_TIMEOUT_MS), connect)
+    let stream = tokio::time::timeout(Duration::from_millis(CONNECT_TIMEOUT_MS), connect)
         .await
         .map_err(|_| Error::Timeout)??;
     stream.set_nodelay(true)?;
     let handshake = async {
+        let mut stream = match &inner.tls {
+            None => tokio_util::either::Either::Left(stream),
+            Some(tls) => {
+                let configs = tls
+                    .cluster()
+                    .ok_or_else(|| Error::Tls("no cluster TLS configuration".into()))?;
+                let name = rustls::pki_types::ServerName::try_from(host_of(addr).to_string())
+                    .map_err(|err| Error::Tls(format!("{addr}: {err}")))?;
+                let stream = TlsConnector::from(configs.client)
+                    .connect(name, stream)
+                    .await
+                    .map_err(|err| match err.kind() {
+                        std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset => {
+                            Error::TlsMismatch(
+                                "the peer hung up during the TLS handshake: it does not run \
+                             cluster TLS, or refused this node's certificate",
+                            )
+                        }
+                        _ => Error::Tls(err.to_string()),
+                    })?;
+                tokio_util::either::Either::Right(tokio_rustls::TlsStream::Client(stream))
+            }
+        };
         let nonce: [u8; 32] = rand::random();
         let mut w = Writer::default();
         w.node_id(&inner.id);
         w.str(&inner.advertise);
         w.bytes(&nonce);
         write_frame(&mut stream, KIND_HELLO, &w.buf).await?;
-        let (kind, payload) = read_frame(&mut stream).await?;
+        stream.flush().await?;
+        let (kind, payload) = match read_frame(&mut stream).await {
+            Ok(frame) => frame,
+            Err(Error::Io(err))
+                if inner.tls.is_none()
+                    && matches!(
+                        err.kind(),
+                        std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+                    ) =>
+            {
+                return Err(Error::TlsMismatch(
+                    "the peer hung up on the hello: it requires cluster TLS, \
+                     which is off on this node",
+                ));
+            }
+            // With TLS 1.3 the server checks our certificate after our side
+            // of the handshake is done: its refusal arrives here, as an
+            // alert or as the connection ending.
+            Err(Error::Io(err)) if inner.tls.is_some() => {
+                return Err(Error::Tls(match err.kind() {
+                    std::io::ErrorKind::InvalidData => err.to_string(),
+                    _ => format!(
+                        "the peer ended the connection ({err}): it refused this node's certificate"
+                    ),
+                }));
+            }
+            Err(err) => return Err(err),
+        };
         if kind != KIND_CHALLENGE {
             return Err(Error::Protocol("expected challenge"));
         }
@@ -367,17 +546,19 @@ async fn dial(inner: &Inner, addr: &str) -> Result<TcpStream, Error> {
             ],
         );
         write_frame(&mut stream, KIND_PROOF, &proof).await?;
-        Ok(())
+        stream.flush().await?;
+        Ok(stream)
     };
     tokio::time::timeout(Duration::from_millis(HANDSHAKE_TIMEOUT_MS), handshake)
         .await
-        .map_err(|_| Error::Timeout)??;
-    Ok(stream)
+        .map_err(|_| Error::Timeout)?
 }
 
 async fn peer_task(inner: Arc<Inner>, name: String, mut rx: mpsc::Receiver<Vec<u8>>) {
     let mut shutdown = inner.shutdown.clone();
     let mut backoff_ms = RECONNECT_BACKOFF_MIN_MS;
+    // A refusal is logged as a warning once, not at every redial.
+    let mut last_refusal = String::new();
     loop {
         if *shutdown.borrow() {
             return;
@@ -393,12 +574,23 @@ async fn peer_task(inner: Arc<Inner>, name: String, mut rx: mpsc::Receiver<Vec<u
                 .await
                 .map(BufWriter::new)
                 .map_err(|err| {
-                    tracing::debug!(peer = %name, %addr, %err, "cluster dial failed");
+                    let text = err.to_string();
+                    if err.is_refusal() && text != last_refusal {
+                        tracing::warn!(peer = %name, %addr, %err, "cluster peer refused");
+                    } else {
+                        tracing::debug!(peer = %name, %addr, %err, "cluster dial failed");
+                    }
+                    last_refusal = if err.is_refusal() {
+                        text
+                    } else {
+                        String::new()
+                    };
                 }),
             None => Err(()),
         };
         if let Ok(mut stream) = connected {
             backoff_ms = RECONNECT_BACKOFF_MIN_MS;
+            last_refusal.clear();
             loop {
                 let frame = tokio::select! {
                     frame = rx.recv() => frame,
@@ -440,6 +632,17 @@ pub fn default_advertise(addr: SocketAddr) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_name_checked_against_a_peer_certificate_is_the_dialed_host() {
+        // Goal: host names, IPv4 and bracketed IPv6 addresses lose their port (and brackets).
+        assert_eq!(
+            host_of("synod-0.synod-nodes.ns.svc:25672"),
+            "synod-0.synod-nodes.ns.svc"
+        );
+        assert_eq!(host_of("127.0.0.1:25672"), "127.0.0.1");
+        assert_eq!(host_of("[::1]:25672"), "::1");
+    }
 
     #[test]
     fn hmac_matches_rfc_4231_case_2() {
