@@ -171,6 +171,7 @@ where
         client_blocked_capable: false,
         has_published: false,
         blocked: false,
+        blocked_notified: false,
         handle: None,
         closing: false,
         last_read: Instant::now(),
@@ -246,6 +247,7 @@ pub async fn serve_internal(
         client_blocked_capable: false,
         has_published: false,
         blocked: false,
+        blocked_notified: false,
         handle: None,
         closing: false,
         last_read: Instant::now(),
@@ -319,7 +321,13 @@ struct Connection<S> {
     exclusive_queues: Vec<String>,
     client_blocked_capable: bool,
     has_published: bool,
+    /// A resource alarm is raised.
     blocked: bool,
+    /// `connection.blocked` was sent and `unblocked` is owed. As RabbitMQ,
+    /// only a connection that publishes is told (and then not read): many
+    /// clients stop sending everything while blocked, which would stall
+    /// consumers that need to open channels or ack.
+    blocked_notified: bool,
     handle: Option<Arc<ConnectionHandle>>,
     /// We sent `connection.close` and await `close-ok`.
     closing: bool,
@@ -828,14 +836,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
     }
 
     fn set_blocked(&mut self, on: bool) {
-        if on == self.blocked {
+        self.blocked = on;
+        self.notify_blocked();
+    }
+
+    /// Sends `connection.blocked` to a publishing connection under an
+    /// alarm, and `connection.unblocked` once the alarm that it was told of
+    /// clears.
+    fn notify_blocked(&mut self) {
+        let blocked = self.blocked && self.has_published;
+        if blocked == self.blocked_notified {
             return;
         }
-        self.blocked = on;
+        self.blocked_notified = blocked;
         if !self.client_blocked_capable {
             return;
         }
-        let method = if on {
+        let method = if blocked {
             let reason = self.broker.alarms().reason();
             amqp_connection::AMQPMethod::Blocked(amqp_connection::Blocked {
                 reason: if reason.is_empty() {
@@ -1546,7 +1563,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         message: Arc<Message>,
         mandatory: bool,
     ) -> Result<(), AmqpError> {
-        self.has_published = true;
+        if !self.has_published {
+            self.has_published = true;
+            if self.blocked {
+                self.notify_blocked();
+            }
+        }
         let mut tickets = Vec::new();
         let mut remote = std::mem::take(&mut self.remote_scratch);
         let published = self.broker.publish_routed(
