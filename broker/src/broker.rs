@@ -20,7 +20,8 @@ use crate::connection::Outbound;
 use crate::exchange::Binding;
 use crate::message::Message;
 use crate::meta::{
-    Command, ExchangeDef, MetaError, Metadata, Outcome, Permissions, QueueDef, User,
+    Command, ExchangeDef, MetaError, Metadata, Outcome, Permissions, QueueDef, User, UserLimit,
+    VhostLimit,
 };
 use crate::metrics::Metrics;
 use crate::protocol::{AmqpError, reply};
@@ -34,12 +35,28 @@ pub struct Settings {
     pub node_name: String,
     /// Users that may only connect from loopback addresses.
     pub loopback_users: Vec<String>,
-    /// Ready-message bytes above which publishers are blocked.
+    /// Message bytes held in memory above which publishers are blocked
+    /// (initial value; [`Broker::set_memory_high_watermark_bytes`] changes it).
     pub memory_high_watermark_bytes: u64,
+    /// Free bytes on the data directory's file system below which
+    /// publishers are blocked (initial value; [`Broker::set_disk_free_limit_bytes`]
+    /// changes it). Checked only when the broker has a durable store.
+    pub disk_free_limit_bytes: u64,
+    /// The data directory whose file system the disk alarm watches.
+    pub data_dir: std::path::PathBuf,
+    /// Channels per connection offered in `connection.tune`.
+    pub channel_max: u16,
+    /// Queues the metadata may hold (all vhosts); `None` is unlimited.
+    pub queues_max: Option<u64>,
+    /// Consumers one channel may hold; `None` is unlimited.
+    pub consumers_per_channel_max: Option<u32>,
     /// Largest message body accepted, in bytes (`--max-message-size`).
     pub message_size_max: u64,
     /// Open AMQP and AMQPS connections allowed at once.
     pub connections_max: usize,
+    /// Connections over `connections_max` taken through the handshake at
+    /// once to be refused with `530`; beyond, sockets are closed at accept.
+    pub connections_refusing_max: usize,
     /// Time a client has to finish the TLS and AMQP handshakes, in milliseconds.
     pub handshake_timeout_ms: u64,
     /// Failed logins from one address, within `auth_failure_window_ms`,
@@ -59,9 +76,17 @@ impl Settings {
         Settings {
             node_name: node_name.to_string(),
             loopback_users: vec!["guest".to_string()],
-            memory_high_watermark_bytes: crate::limits::MEMORY_HIGH_WATERMARK_BYTES,
+            memory_high_watermark_bytes: relative_watermark_bytes(
+                (crate::limits::MEMORY_HIGH_WATERMARK_FRACTION_DEFAULT * 1_000_000.0) as u32,
+            ),
+            disk_free_limit_bytes: crate::limits::DISK_FREE_LIMIT_BYTES_DEFAULT,
+            data_dir: std::path::PathBuf::from("./synod-data"),
+            channel_max: crate::limits::CHANNELS_PER_CONNECTION_MAX,
+            queues_max: None,
+            consumers_per_channel_max: None,
             message_size_max: crate::limits::MESSAGE_SIZE_MAX,
             connections_max: crate::limits::CONNECTIONS_MAX,
+            connections_refusing_max: crate::limits::CONNECTIONS_REFUSING_MAX,
             handshake_timeout_ms: crate::limits::HANDSHAKE_TIMEOUT_MS,
             auth_failures_per_window_max: crate::limits::AUTH_FAILURES_PER_WINDOW_MAX,
             auth_failure_window_ms: crate::limits::AUTH_FAILURE_WINDOW_MS,
@@ -74,7 +99,28 @@ impl Settings {
     pub fn from_config(config: &crate::config::Config) -> Settings {
         let mut settings = Settings::new(&config.node_name);
         settings.message_size_max = config.max_message_size;
+        settings.connections_max = config.max_connections;
+        settings.channel_max = config.channel_max;
+        settings.queues_max = config.max_queues;
+        settings.consumers_per_channel_max = config.max_consumers_per_channel;
+        settings.memory_high_watermark_bytes = match config.memory_high_watermark {
+            crate::config::MemoryWatermark::Relative { millionths } => {
+                relative_watermark_bytes(millionths)
+            }
+            crate::config::MemoryWatermark::Absolute { bytes } => bytes,
+        };
+        settings.disk_free_limit_bytes = config.disk_free_limit_bytes;
+        settings.data_dir = config.data_dir.clone();
         settings
+    }
+}
+
+/// `millionths` of the memory available to the process, or
+/// [`crate::limits::MEMORY_HIGH_WATERMARK_BYTES`] when it cannot be read.
+fn relative_watermark_bytes(millionths: u32) -> u64 {
+    match crate::resources::available_memory_bytes() {
+        Some(total) => (u128::from(total) * u128::from(millionths) / 1_000_000) as u64,
+        None => crate::limits::MEMORY_HIGH_WATERMARK_BYTES,
     }
 }
 
@@ -228,7 +274,16 @@ pub struct Broker {
     connections: Mutex<BTreeMap<u64, Arc<ConnectionHandle>>>,
     next_connection_id: AtomicU64,
     memory_bytes: Arc<AtomicI64>,
+    /// Any resource alarm raised (publishers must block).
     alarm: watch::Sender<bool>,
+    /// Which alarms are raised, for `connection.blocked`'s reason.
+    alarms: Mutex<crate::resources::Alarms>,
+    /// Current `--memory-high-watermark`, in bytes.
+    memory_high_watermark_bytes: AtomicU64,
+    /// Current `--disk-free-limit`, in bytes.
+    disk_free_limit_bytes: AtomicU64,
+    /// When the free disk space was last read, and whether it was low.
+    disk_free_check: Mutex<(Option<Instant>, bool)>,
     /// The durable store, once opened (absent: nothing survives a restart).
     durable: OnceLock<Arc<crate::durable::Durable>>,
     /// The Paxos cluster member, when started with `--peers`.
@@ -297,6 +352,8 @@ impl Broker {
             std::time::Duration::from_millis(settings.auth_failure_delay_ms),
             crate::limits::AUTH_FAILURE_ADDRESSES_MAX,
         );
+        let memory_high_watermark_bytes = AtomicU64::new(settings.memory_high_watermark_bytes);
+        let disk_free_limit_bytes = AtomicU64::new(settings.disk_free_limit_bytes);
         let broker = Broker {
             settings,
             metrics,
@@ -306,6 +363,10 @@ impl Broker {
             next_connection_id: AtomicU64::new(1),
             memory_bytes: Arc::new(AtomicI64::new(0)),
             alarm,
+            alarms: Mutex::new(crate::resources::Alarms::default()),
+            memory_high_watermark_bytes,
+            disk_free_limit_bytes,
+            disk_free_check: Mutex::new((None, false)),
             durable: OnceLock::new(),
             cluster: OnceLock::new(),
             replication: OnceLock::new(),
@@ -342,6 +403,9 @@ impl Broker {
     /// answered from this node's copy without a round of Paxos). Every
     /// topology change from clients and the management API comes here.
     pub fn replicate(&self, command: Command) -> Decision {
+        if let Err(err) = self.check_queue_limit(&command) {
+            return Decision::Now(Err(err));
+        }
         let Some(replication) = self.replication.get() else {
             return Decision::Now(self.execute(command));
         };
@@ -355,6 +419,31 @@ impl Broker {
             return Decision::Now(Err(MetaError::PreconditionFailed(reason)));
         }
         replication.propose(command)
+    }
+
+    /// Refuses a declaration of a new queue once the metadata holds
+    /// `--max-queues` queues (all vhosts). A node setting, so checked here
+    /// before the change is proposed, not when the decided log is applied.
+    fn check_queue_limit(&self, command: &Command) -> Result<(), MetaError> {
+        let (Some(max), Command::DeclareQueue { vhost, queue }) =
+            (self.settings.queues_max, command)
+        else {
+            return Ok(());
+        };
+        let state = self.read();
+        let exists = state
+            .meta
+            .vhosts
+            .get(vhost)
+            .is_some_and(|v| v.queues.contains_key(&queue.name));
+        let n_queues: usize = state.meta.vhosts.values().map(|v| v.queues.len()).sum();
+        if !exists && n_queues as u64 >= max {
+            return Err(MetaError::PreconditionFailed(format!(
+                "cannot declare queue '{}' in vhost '{vhost}': node queue limit ({max}) is reached",
+                queue.name
+            )));
+        }
+        Ok(())
     }
 
     /// [`Broker::replicate`], waiting for the outcome.
@@ -1089,12 +1178,29 @@ impl Broker {
             });
         }
         let used = self.memory_bytes.load(Ordering::Relaxed).max(0) as u64;
-        let memory_alarm = used > self.settings.memory_high_watermark_bytes;
-        let disk_alarm = self.durable().is_some_and(|d| d.disk_alarm());
+        let memory_alarm = used > self.memory_high_watermark_bytes();
+        let disk_full = self.durable().is_some_and(|d| d.disk_alarm());
+        let disk_alarm = disk_full || self.disk_free_low(now);
         self.metrics.memory_alarm.set(i64::from(memory_alarm));
         self.metrics.disk_alarm.set(i64::from(disk_alarm));
+        let alarms = crate::resources::Alarms {
+            memory: memory_alarm,
+            disk: disk_alarm,
+        };
+        {
+            let mut current = self.alarms.lock().unwrap_or_else(|p| p.into_inner());
+            if *current != alarms {
+                tracing::warn!(
+                    memory = alarms.memory,
+                    disk = alarms.disk,
+                    memory_bytes = used,
+                    "resource alarms changed"
+                );
+            }
+            *current = alarms;
+        }
         // Either alarm blocks publishers (connection.blocked), as in RabbitMQ.
-        let alarm = memory_alarm || disk_alarm;
+        let alarm = alarms.any();
         self.alarm.send_if_modified(|current| {
             let changed = *current != alarm;
             *current = alarm;
@@ -1102,9 +1208,74 @@ impl Broker {
         });
     }
 
-    /// Watches the memory alarm (true = publishers must block).
+    /// Watches the resource alarms (true = publishers must block).
     pub fn memory_alarm(&self) -> watch::Receiver<bool> {
         self.alarm.subscribe()
+    }
+
+    /// Which resource alarms are raised, as of the last housekeeping tick.
+    pub fn alarms(&self) -> crate::resources::Alarms {
+        *self.alarms.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The memory high watermark in force, in bytes.
+    pub fn memory_high_watermark_bytes(&self) -> u64 {
+        self.memory_high_watermark_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Changes the memory high watermark at run time (as RabbitMQ's
+    /// `rabbitmqctl set_vm_memory_high_watermark`); the next tick applies it.
+    pub fn set_memory_high_watermark_bytes(&self, bytes: u64) {
+        self.memory_high_watermark_bytes
+            .store(bytes, Ordering::Relaxed);
+    }
+
+    /// The free disk limit in force, in bytes.
+    pub fn disk_free_limit_bytes(&self) -> u64 {
+        self.disk_free_limit_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Changes the free disk limit at run time (as RabbitMQ's
+    /// `rabbitmqctl set_disk_free_limit`); the disk is read again at the next tick.
+    pub fn set_disk_free_limit_bytes(&self, bytes: u64) {
+        self.disk_free_limit_bytes.store(bytes, Ordering::Relaxed);
+        let mut check = self
+            .disk_free_check
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        check.0 = None;
+    }
+
+    /// Whether the data directory's file system has less free space than
+    /// the limit; reads it at most every `DISK_FREE_CHECK_INTERVAL_MS`. A
+    /// broker without a durable store writes nothing and never raises it.
+    fn disk_free_low(&self, now: Instant) -> bool {
+        if self.durable().is_none() {
+            return false;
+        }
+        let mut check = self
+            .disk_free_check
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let interval = std::time::Duration::from_millis(crate::limits::DISK_FREE_CHECK_INTERVAL_MS);
+        if check.0.is_some_and(|at| now.duration_since(at) < interval) {
+            return check.1;
+        }
+        let limit = self.disk_free_limit_bytes();
+        let low = match crate::resources::disk_free_bytes(&self.settings.data_dir) {
+            Ok(free) => {
+                if (free < limit) != check.1 {
+                    tracing::warn!(free, limit, "free disk space crossed --disk-free-limit");
+                }
+                free < limit
+            }
+            Err(err) => {
+                tracing::debug!(%err, "free disk space unreadable");
+                false
+            }
+        };
+        *check = (Some(now), low);
+        low
     }
 
     /// Ready-message bytes held by all queues.
@@ -1184,6 +1355,93 @@ impl Broker {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(handle.id, handle);
+    }
+
+    /// Adds an open connection to the registry unless its user's or its
+    /// vhost's `max-connections` is reached (counted on this node); `Err`
+    /// carries the `connection.close 530` text, RabbitMQ's words.
+    pub fn try_register_connection(&self, handle: Arc<ConnectionHandle>) -> Result<(), String> {
+        let (user_max, vhost_max) = {
+            let state = self.read();
+            (
+                state
+                    .meta
+                    .user_limits
+                    .get(&handle.user)
+                    .and_then(|l| l.get(&UserLimit::MaxConnections))
+                    .copied(),
+                state
+                    .meta
+                    .vhosts
+                    .get(&handle.vhost)
+                    .and_then(|v| v.limits.get(&VhostLimit::MaxConnections))
+                    .copied(),
+            )
+        };
+        let mut connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(max) = vhost_max {
+            let open = connections
+                .values()
+                .filter(|c| c.vhost == handle.vhost)
+                .count() as u64;
+            if open >= max {
+                return Err(format!(
+                    "NOT_ALLOWED - access to vhost '{}' refused for user '{}': connection limit ({max}) is reached",
+                    handle.vhost, handle.user
+                ));
+            }
+        }
+        if let Some(max) = user_max {
+            let open = connections
+                .values()
+                .filter(|c| c.user == handle.user)
+                .count() as u64;
+            if open >= max {
+                return Err(format!(
+                    "NOT_ALLOWED - Connection refused for user '{}': user connection limit ({max}) is reached",
+                    handle.user
+                ));
+            }
+        }
+        connections.insert(handle.id, handle);
+        Ok(())
+    }
+
+    /// `Some(max)` when `user` has a `max-channels` limit and its
+    /// connections on this node hold that many channels already.
+    pub fn user_channel_limit_reached(&self, user: &str) -> Option<u64> {
+        let max = self
+            .read()
+            .meta
+            .user_limits
+            .get(user)?
+            .get(&UserLimit::MaxChannels)
+            .copied()?;
+        let open: usize = self
+            .connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|c| c.user == user)
+            .map(|c| c.channels.lock().unwrap_or_else(|p| p.into_inner()).len())
+            .sum();
+        (open as u64 >= max).then_some(max)
+    }
+
+    /// The limits set on users, by user.
+    pub fn list_user_limits(&self) -> BTreeMap<String, BTreeMap<UserLimit, u64>> {
+        self.read().meta.user_limits.clone()
+    }
+
+    /// The limits set on vhosts, by vhost (vhosts without limits left out).
+    pub fn list_vhost_limits(&self) -> BTreeMap<String, BTreeMap<VhostLimit, u64>> {
+        self.read()
+            .meta
+            .vhosts
+            .iter()
+            .filter(|(_, v)| !v.limits.is_empty())
+            .map(|(name, v)| (name.clone(), v.limits.clone()))
+            .collect()
     }
 
     /// Removes a connection from the registry.

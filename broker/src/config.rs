@@ -108,6 +108,32 @@ pub struct Args {
     /// with an optional `KiB`, `MiB` or `GiB` suffix.
     #[arg(long, env = "SYNOD_QUEUE_MEMORY_MAX")]
     pub queue_memory_max: Option<String>,
+    /// Open AMQP and AMQPS connections allowed on this node (default 10000);
+    /// one more is refused with `connection.close 530 NOT_ALLOWED`.
+    #[arg(long, env = "SYNOD_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Channels per connection offered in `connection.tune` (default 2047,
+    /// RabbitMQ's `channel_max`); opening one above the negotiated value is
+    /// `connection.close 504 CHANNEL_ERROR`.
+    #[arg(long, env = "SYNOD_CHANNEL_MAX")]
+    pub channel_max: Option<u16>,
+    /// Queues this node's metadata may hold, all vhosts together (default:
+    /// unlimited); a declaration beyond it closes its channel with 406.
+    #[arg(long, env = "SYNOD_MAX_QUEUES")]
+    pub max_queues: Option<u64>,
+    /// Consumers one channel may hold (default: unlimited, RabbitMQ's
+    /// `consumer_max_per_channel`); one more closes the channel with 406.
+    #[arg(long, env = "SYNOD_MAX_CONSUMERS_PER_CHANNEL")]
+    pub max_consumers_per_channel: Option<u32>,
+    /// Message bytes held in memory above which publishers are blocked: a
+    /// fraction of the memory available to the process (`0.4`, the
+    /// default) or a size (`2GiB`, `1500MB`, `1073741824`).
+    #[arg(long, env = "SYNOD_MEMORY_HIGH_WATERMARK")]
+    pub memory_high_watermark: Option<String>,
+    /// Free space on the data directory's file system below which
+    /// publishers are blocked (default `50MB`); a size like `1GB` or `2GiB`.
+    #[arg(long, env = "SYNOD_DISK_FREE_LIMIT")]
+    pub disk_free_limit: Option<String>,
     /// TOML file with the same keys as the flags (`data-dir = "..."`).
     #[arg(long, env = "SYNOD_CONFIG")]
     pub config: Option<PathBuf>,
@@ -137,6 +163,29 @@ struct FileConfig {
     default_pass: Option<String>,
     default_pass_file: Option<PathBuf>,
     queue_memory_max: Option<String>,
+    max_connections: Option<usize>,
+    channel_max: Option<u16>,
+    max_queues: Option<u64>,
+    max_consumers_per_channel: Option<u32>,
+    memory_high_watermark: Option<String>,
+    disk_free_limit: Option<String>,
+}
+
+/// `--memory-high-watermark`: relative to the memory available to the
+/// process, or absolute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemoryWatermark {
+    /// Millionths of the memory available to the process (cgroup limit,
+    /// else physical RAM), resolved when the broker starts.
+    Relative {
+        /// The fraction, in millionths (400000 = 0.4).
+        millionths: u32,
+    },
+    /// Bytes.
+    Absolute {
+        /// The bound in bytes.
+        bytes: u64,
+    },
 }
 
 /// A boolean in the `--config` file: `true`, or the string `"true"` (the
@@ -229,6 +278,19 @@ pub struct Config {
     pub default_user: Option<DefaultUser>,
     /// Body bytes a durable queue keeps in memory before paging out.
     pub queue_memory_max_bytes: u64,
+    /// Open AMQP and AMQPS connections allowed at once.
+    pub max_connections: usize,
+    /// Channels per connection offered in `connection.tune`.
+    pub channel_max: u16,
+    /// Queues the metadata may hold (all vhosts); `None` is unlimited.
+    pub max_queues: Option<u64>,
+    /// Consumers per channel; `None` is unlimited.
+    pub max_consumers_per_channel: Option<u32>,
+    /// Message bytes in memory above which publishers are blocked.
+    pub memory_high_watermark: MemoryWatermark,
+    /// Free bytes on the data directory's file system below which
+    /// publishers are blocked.
+    pub disk_free_limit_bytes: u64,
 }
 
 impl Config {
@@ -336,7 +398,38 @@ impl Config {
             Some(text) => parse_bytes("queue-memory-max", &text)?,
             None => crate::limits::QUEUE_MEMORY_MAX_BYTES_DEFAULT,
         };
+        let max_connections = args
+            .max_connections
+            .or(file.max_connections)
+            .unwrap_or(crate::limits::CONNECTIONS_MAX);
+        let channel_max = args
+            .channel_max
+            .or(file.channel_max)
+            .unwrap_or(crate::limits::CHANNELS_PER_CONNECTION_MAX);
+        if channel_max == 0 {
+            return Err(invalid("channel-max", "must be between 1 and 65535"));
+        }
+        let memory_high_watermark = match args.memory_high_watermark.or(file.memory_high_watermark)
+        {
+            Some(text) => parse_watermark(&text)?,
+            None => MemoryWatermark::Relative {
+                millionths: (crate::limits::MEMORY_HIGH_WATERMARK_FRACTION_DEFAULT * 1_000_000.0)
+                    as u32,
+            },
+        };
+        let disk_free_limit_bytes = match args.disk_free_limit.or(file.disk_free_limit) {
+            Some(text) => parse_size("disk-free-limit", &text)?,
+            None => crate::limits::DISK_FREE_LIMIT_BYTES_DEFAULT,
+        };
         Ok(Config {
+            max_connections,
+            channel_max,
+            max_queues: args.max_queues.or(file.max_queues),
+            max_consumers_per_channel: args
+                .max_consumers_per_channel
+                .or(file.max_consumers_per_channel),
+            memory_high_watermark,
+            disk_free_limit_bytes,
             node_name,
             data_dir,
             amqp_listen,
@@ -446,6 +539,48 @@ fn parse_cluster_tls(value: Option<&str>) -> Result<Option<bool>, Error> {
             format!("{other:?} is not auto, on or off"),
         )),
     }
+}
+
+/// Parses a size as RabbitMQ writes them: digits with an optional decimal
+/// (`kB`, `MB`, `GB`) or binary (`KiB`, `MiB`, `GiB`) unit.
+fn parse_size(flag: &'static str, text: &str) -> Result<u64, Error> {
+    let trimmed = text.trim();
+    let decimal = [
+        ("kB", 1_000u64),
+        ("KB", 1_000),
+        ("MB", 1_000_000),
+        ("GB", 1_000_000_000),
+    ];
+    for (unit, multiplier) in decimal {
+        if let Some(digits) = trimmed.strip_suffix(unit) {
+            return digits
+                .trim()
+                .parse::<u64>()
+                .ok()
+                .and_then(|n| n.checked_mul(multiplier))
+                .ok_or_else(|| invalid(flag, format!("{text:?} is not a size like 50MB or 2GiB")));
+        }
+    }
+    parse_bytes(flag, trimmed)
+        .map_err(|_| invalid(flag, format!("{text:?} is not a size like 50MB or 2GiB")))
+}
+
+/// Parses `--memory-high-watermark`: a fraction in (0, 1] written with a
+/// decimal point (`0.4`), or a size.
+fn parse_watermark(text: &str) -> Result<MemoryWatermark, Error> {
+    let trimmed = text.trim();
+    if trimmed.contains('.') {
+        return match trimmed.parse::<f64>() {
+            Ok(fraction) if fraction > 0.0 && fraction <= 1.0 => Ok(MemoryWatermark::Relative {
+                millionths: (fraction * 1_000_000.0).round() as u32,
+            }),
+            _ => Err(invalid(
+                "memory-high-watermark",
+                format!("{text:?} is neither a fraction in (0, 1] like 0.4 nor a size like 2GiB"),
+            )),
+        };
+    }
+    parse_size("memory-high-watermark", trimmed).map(|bytes| MemoryWatermark::Absolute { bytes })
 }
 
 fn invalid(flag: &'static str, reason: impl Into<String>) -> Error {
@@ -572,6 +707,69 @@ mod tests {
                 err.to_string().contains("--queue-memory-max"),
                 "{text}: {err}"
             );
+        }
+    }
+
+    #[test]
+    fn limits_have_rabbitmq_defaults_and_take_sizes_and_fractions() {
+        // Goal: defaults are 10000 connections, 2047 channels, no queue or consumer bound, 0.4 of memory, 50MB free disk; values parse, junk names its flag.
+        let defaults = config(&[]).expect("valid");
+        assert_eq!(defaults.max_connections, 10_000);
+        assert_eq!(defaults.channel_max, 2_047);
+        assert_eq!(defaults.max_queues, None);
+        assert_eq!(defaults.max_consumers_per_channel, None);
+        assert_eq!(
+            defaults.memory_high_watermark,
+            MemoryWatermark::Relative {
+                millionths: 400_000
+            }
+        );
+        assert_eq!(defaults.disk_free_limit_bytes, 50_000_000);
+        let set = config(&[
+            "--max-connections",
+            "5",
+            "--channel-max",
+            "16",
+            "--max-queues",
+            "100",
+            "--max-consumers-per-channel",
+            "3",
+            "--memory-high-watermark",
+            "2GiB",
+            "--disk-free-limit",
+            "1GB",
+        ])
+        .expect("valid");
+        assert_eq!(set.max_connections, 5);
+        assert_eq!(set.channel_max, 16);
+        assert_eq!(set.max_queues, Some(100));
+        assert_eq!(set.max_consumers_per_channel, Some(3));
+        assert_eq!(
+            set.memory_high_watermark,
+            MemoryWatermark::Absolute { bytes: 2 << 30 }
+        );
+        assert_eq!(set.disk_free_limit_bytes, 1_000_000_000);
+        let relative = config(&["--memory-high-watermark", "0.25"]).expect("valid");
+        assert_eq!(
+            relative.memory_high_watermark,
+            MemoryWatermark::Relative {
+                millionths: 250_000
+            }
+        );
+        for (argv, flag) in [
+            (
+                ["--memory-high-watermark", "1.5"],
+                "--memory-high-watermark",
+            ),
+            (
+                ["--memory-high-watermark", "lots"],
+                "--memory-high-watermark",
+            ),
+            (["--disk-free-limit", "50 parsecs"], "--disk-free-limit"),
+            (["--channel-max", "0"], "--channel-max"),
+        ] {
+            let err = config(&argv).expect_err("must fail");
+            assert!(err.to_string().contains(flag), "{argv:?}: {err}");
         }
     }
 

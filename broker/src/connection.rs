@@ -115,6 +115,10 @@ pub struct PeerInfo {
     /// is TLS and rustls verified the certificate against `--tls-ca`. Only
     /// then is SASL EXTERNAL offered, with this name as the user.
     pub certificate_name: Option<String>,
+    /// The node's connection limit was reached when the socket was
+    /// accepted: the handshake runs, and `connection.open` is answered with
+    /// `connection.close 530 NOT_ALLOWED`, which clients report clearly.
+    pub over_connection_limit: bool,
 }
 
 /// Serves one accepted socket (plain TCP or TLS) until it closes or
@@ -135,6 +139,7 @@ where
         addr: peer,
         local,
         certificate_name,
+        over_connection_limit,
     } = peer_info;
     let name = format!("{peer} -> {local}");
     let (sender, receiver) = mpsc::unbounded_channel();
@@ -152,8 +157,9 @@ where
         // Until tune-ok, accept up to our maximum: some clients send large
         // client properties in start-ok.
         frame_max: limits::FRAME_SIZE_MAX,
-        channel_max: limits::CHANNELS_PER_CONNECTION_MAX,
+        channel_max: broker.settings.channel_max,
         heartbeat_s: 0,
+        over_connection_limit,
         vhost: String::new(),
         user: String::new(),
         permissions: None,
@@ -165,6 +171,7 @@ where
         client_blocked_capable: false,
         has_published: false,
         blocked: false,
+        blocked_notified: false,
         handle: None,
         closing: false,
         last_read: Instant::now(),
@@ -231,6 +238,7 @@ where
         frame_max: limits::FRAME_SIZE_MAX,
         channel_max: u16::MAX,
         heartbeat_s: 0,
+        over_connection_limit: false,
         vhost,
         user: format!("cluster:{peer_node}"),
         permissions: CompiledPermissions::compile(&everything).map(Arc::new),
@@ -242,6 +250,7 @@ where
         client_blocked_capable: false,
         has_published: false,
         blocked: false,
+        blocked_notified: false,
         handle: None,
         closing: false,
         last_read: Instant::now(),
@@ -303,6 +312,8 @@ struct Connection<S> {
     frame_max: u32,
     channel_max: u16,
     heartbeat_s: u16,
+    /// Refuse at `connection.open`: the node's connection limit is reached.
+    over_connection_limit: bool,
     vhost: String,
     user: String,
     permissions: Option<Arc<CompiledPermissions>>,
@@ -314,7 +325,13 @@ struct Connection<S> {
     exclusive_queues: Vec<String>,
     client_blocked_capable: bool,
     has_published: bool,
+    /// A resource alarm is raised.
     blocked: bool,
+    /// `connection.blocked` was sent and `unblocked` is owed. As RabbitMQ,
+    /// only a connection that publishes is told (and then not read): many
+    /// clients stop sending everything while blocked, which would stall
+    /// consumers that need to open channels or ack.
+    blocked_notified: bool,
     handle: Option<Arc<ConnectionHandle>>,
     /// We sent `connection.close` and await `close-ok`.
     closing: bool,
@@ -496,7 +513,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         self.send_method(
             0,
             AMQPClass::Connection(amqp_connection::AMQPMethod::Tune(amqp_connection::Tune {
-                channel_max: limits::CHANNELS_PER_CONNECTION_MAX,
+                channel_max: self.broker.settings.channel_max,
                 frame_max: limits::FRAME_SIZE_MAX,
                 heartbeat: limits::HEARTBEAT_INTERVAL_DEFAULT_S,
             })),
@@ -529,8 +546,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
             n => n.min(limits::FRAME_SIZE_MAX),
         };
         self.channel_max = match tune_ok.channel_max {
-            0 => limits::CHANNELS_PER_CONNECTION_MAX,
-            n => n.min(limits::CHANNELS_PER_CONNECTION_MAX),
+            0 => self.broker.settings.channel_max,
+            n => n.min(self.broker.settings.channel_max),
         };
         self.heartbeat_s = tune_ok.heartbeat;
         let open = match self
@@ -556,15 +573,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
             );
             return self.refuse(reply::NOT_ALLOWED, &text).await;
         };
+        // Refused only now, after open, as RabbitMQ refuses its per-user and
+        // per-vhost limits: every client reports a close here with its code
+        // and text, where a bare TCP close reads as a network fault.
+        if self.over_connection_limit {
+            let text = format!(
+                "NOT_ALLOWED - access to vhost '{vhost}' refused for user '{}': node connection limit ({}) is reached",
+                self.user, self.broker.settings.connections_max
+            );
+            tracing::warn!(peer = %self.peer, user = %self.user, "connection limit reached; refused");
+            return self.refuse(reply::NOT_ALLOWED, &text).await;
+        }
         self.vhost = vhost;
         self.permissions = Some(permissions);
-        self.send_method(
-            0,
-            AMQPClass::Connection(amqp_connection::AMQPMethod::OpenOk(
-                amqp_connection::OpenOk {},
-            )),
-        );
-        self.flush().await?;
         let handle = Arc::new(ConnectionHandle {
             id: self.id,
             name: self.name.clone(),
@@ -578,8 +599,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
             channels: Default::default(),
             sender: self.sender.clone(),
         });
-        self.broker.register_connection(handle.clone());
+        // The per-user and per-vhost limits are checked and the connection
+        // counted in one step, so racing connections cannot both pass.
+        if let Err(text) = self.broker.try_register_connection(handle.clone()) {
+            tracing::warn!(peer = %self.peer, user = %self.user, %text, "connection refused by a limit");
+            return self.refuse(reply::NOT_ALLOWED, &text).await;
+        }
         self.handle = Some(handle);
+        // Written by `run`, whose cleanup unregisters the connection: no
+        // await between registering and leaving the (time-bounded) handshake.
+        self.send_method(
+            0,
+            AMQPClass::Connection(amqp_connection::AMQPMethod::OpenOk(
+                amqp_connection::OpenOk {},
+            )),
+        );
         Ok(true)
     }
 
@@ -658,6 +692,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         );
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut alarm = self.broker.memory_alarm();
+        // An alarm raised before this connection opened blocks it too.
+        if *alarm.borrow_and_update() {
+            self.set_blocked(true);
+        }
         let mut closing_deadline: Option<Instant> = None;
         // Frames left in the buffer after the handshake (pipelining clients).
         if let Flow::Stop = self.process_input() {
@@ -805,16 +843,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
     }
 
     fn set_blocked(&mut self, on: bool) {
-        if on == self.blocked {
+        self.blocked = on;
+        self.notify_blocked();
+    }
+
+    /// Sends `connection.blocked` to a publishing connection under an
+    /// alarm, and `connection.unblocked` once the alarm that it was told of
+    /// clears.
+    fn notify_blocked(&mut self) {
+        let blocked = self.blocked && self.has_published;
+        if blocked == self.blocked_notified {
             return;
         }
-        self.blocked = on;
+        self.blocked_notified = blocked;
         if !self.client_blocked_capable {
             return;
         }
-        let method = if on {
+        let method = if blocked {
+            let reason = self.broker.alarms().reason();
             amqp_connection::AMQPMethod::Blocked(amqp_connection::Blocked {
-                reason: "low on memory".into(),
+                reason: if reason.is_empty() {
+                    "low on memory".into()
+                } else {
+                    reason.as_str().into()
+                },
             })
         } else {
             amqp_connection::AMQPMethod::Unblocked(amqp_connection::Unblocked {})
@@ -1080,6 +1132,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                 return Err(AmqpError::new(
                     reply::CHANNEL_ERROR,
                     format!("second 'channel.open' seen on channel {channel_id}"),
+                ));
+            }
+            if let Some(max) = self.broker.user_channel_limit_reached(&self.user) {
+                // A connection error, as RabbitMQ closes it for this limit.
+                return Err(AmqpError::new(
+                    reply::NOT_ALLOWED,
+                    format!(
+                        "number of channels opened for user '{}' has reached the maximum allowed user limit of ({max})",
+                        self.user
+                    ),
                 ));
             }
             let channel = Channel::new(channel_id);
@@ -1526,7 +1588,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         message: Arc<Message>,
         mandatory: bool,
     ) -> Result<(), AmqpError> {
-        self.has_published = true;
+        if !self.has_published {
+            self.has_published = true;
+            if self.blocked {
+                self.notify_blocked();
+            }
+        }
         let mut tickets = Vec::new();
         let mut remote = std::mem::take(&mut self.remote_scratch);
         let published = self.broker.publish_routed(
@@ -2289,6 +2356,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
     fn consume(&mut self, channel_id: u16, consume: basic::Consume) -> Result<(), AmqpError> {
         let queue_name = consume.queue.as_str();
         self.check(Access::Read, "queue", queue_name)?;
+        // Data links carry every remote consumer of a node: not bounded here.
+        if let Some(max) = self.broker.settings.consumers_per_channel_max
+            && !self.internal
+            && self.channel_mut(channel_id)?.consumers.len() >= max as usize
+        {
+            return Err(AmqpError::new(
+                reply::PRECONDITION_FAILED,
+                format!("reached maximum ({max}) of consumers per channel"),
+            ));
+        }
         let queue = match self.lookup_queue(queue_name)? {
             QueueAt::Local(queue) => queue,
             QueueAt::Remote(def) => return self.consume_remote(channel_id, consume, &def),

@@ -595,7 +595,9 @@ fn changes_durable_topology(meta: &Metadata, command: &Command) -> bool {
         | Command::PutUser { .. }
         | Command::DeleteUser { .. }
         | Command::SetPermissions { .. }
-        | Command::ClearPermissions { .. } => true,
+        | Command::ClearPermissions { .. }
+        | Command::SetUserLimit { .. }
+        | Command::SetVhostLimit { .. } => true,
         Command::DeclareExchange { exchange, .. } => exchange.durable,
         // Deleting anything may auto-delete a durable exchange it fed.
         Command::DeleteExchange { vhost, name, .. } => exchange_durable(vhost, name),

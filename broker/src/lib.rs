@@ -9,6 +9,7 @@
 //! - [`meta`]: metadata changed only by `Command`s through `Metadata::apply` (pure).
 //! - [`auth`]: RabbitMQ-compatible password hashes, PLAIN / AMQPLAIN / EXTERNAL.
 //! - [`login_throttle`]: failed logins per address; delays replies to guessers.
+//! - [`resources`]: memory available to the process, free disk space, alarm reasons.
 //! - [`tls`]: TLS configurations (reloaded when the files change), client-certificate names, HTTPS listener.
 //! - [`protocol`]: AMQP 0-9-1 frames, methods and field tables (pure; no tokio).
 //! - [`connection`]: sockets <-> frames, handshake, heartbeats, flow control.
@@ -46,6 +47,7 @@ pub mod paxos;
 pub mod protocol;
 pub mod queue;
 pub mod replication;
+pub mod resources;
 pub mod server;
 pub mod store;
 pub mod tls;

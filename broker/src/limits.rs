@@ -24,9 +24,14 @@ pub const HTTP_BODY_SIZE_MAX: usize = 16 * 1024 * 1024;
 pub const CLOSE_OK_WAIT_MS: u64 = 1_000;
 /// Outbound events (deliveries) written per socket flush.
 pub const OUTBOUND_BATCH_MAX: usize = 256;
-/// Open AMQP connections per node (AMQP and AMQPS together, handshakes
-/// included); a connection beyond this is accepted and closed at once.
+/// Default of `--max-connections`: open AMQP connections per node (AMQP
+/// and AMQPS together, handshakes included). A connection beyond it is
+/// refused with `connection.close 530` after `connection.open`.
 pub const CONNECTIONS_MAX: usize = 10_000;
+/// Connections over `--max-connections` that are taken through the
+/// handshake at once to be refused with `connection.close 530`; beyond
+/// this, sockets are closed at accept without a byte.
+pub const CONNECTIONS_REFUSING_MAX: usize = 64;
 /// Failed logins from one IP address within `AUTH_FAILURE_WINDOW_MS` after
 /// which that address's authentication replies are delayed.
 pub const AUTH_FAILURES_PER_WINDOW_MAX: u32 = 5;
@@ -42,8 +47,20 @@ pub const HTTPS_HANDSHAKES_MAX: usize = 256;
 /// Period at which the TLS certificate, key and CA files are read again to
 /// pick up a renewed certificate, in milliseconds.
 pub const TLS_RELOAD_INTERVAL_MS: u64 = 2_000;
-/// Ready-message bytes above which publishing connections are blocked.
+/// Ready-message bytes above which publishing connections are blocked when
+/// the machine's memory cannot be read (otherwise the default is
+/// [`MEMORY_HIGH_WATERMARK_FRACTION_DEFAULT`] of it).
 pub const MEMORY_HIGH_WATERMARK_BYTES: u64 = 1024 * 1024 * 1024;
+/// Default of `--memory-high-watermark`: the fraction of the memory
+/// available to the process (cgroup limit, else physical RAM) that message
+/// bodies held in memory may use before publishers are blocked
+/// (RabbitMQ's `vm_memory_high_watermark.relative` default).
+pub const MEMORY_HIGH_WATERMARK_FRACTION_DEFAULT: f64 = 0.4;
+/// Default of `--disk-free-limit`: free bytes on the data directory's file
+/// system below which publishers are blocked (RabbitMQ's `disk_free_limit`).
+pub const DISK_FREE_LIMIT_BYTES_DEFAULT: u64 = 50_000_000;
+/// Period of the free-disk check on the data directory, in milliseconds.
+pub const DISK_FREE_CHECK_INTERVAL_MS: u64 = 1_000;
 /// Period of the broker's housekeeping (message TTL, `x-expires`, memory alarm), in milliseconds.
 pub const HOUSEKEEPING_INTERVAL_MS: u64 = 25;
 /// Size a connection's read and write buffers start at and shrink back to

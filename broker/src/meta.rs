@@ -126,6 +126,80 @@ pub enum Command {
         /// The new home node.
         home: String,
     },
+    /// Sets (`Some`) or clears (`None`) one of a user's limits.
+    SetUserLimit {
+        /// User name.
+        user: String,
+        /// Which limit.
+        limit: UserLimit,
+        /// The bound; 0 allows nothing.
+        value: Option<u64>,
+    },
+    /// Sets (`Some`) or clears (`None`) one of a vhost's limits.
+    SetVhostLimit {
+        /// Vhost name.
+        vhost: String,
+        /// Which limit.
+        limit: VhostLimit,
+        /// The bound; 0 allows nothing.
+        value: Option<u64>,
+    },
+}
+
+/// A per-user limit, as RabbitMQ's `set_user_limits` names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UserLimit {
+    /// Connections the user may have open on a node.
+    MaxConnections,
+    /// Channels the user may have open on a node, all connections together.
+    MaxChannels,
+}
+
+/// A per-vhost limit, as RabbitMQ's `set_vhost_limits` names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VhostLimit {
+    /// Connections to the vhost open on a node.
+    MaxConnections,
+    /// Queues in the vhost (cluster-wide: the metadata's count).
+    MaxQueues,
+}
+
+impl UserLimit {
+    /// Every user limit.
+    pub const ALL: [UserLimit; 2] = [UserLimit::MaxConnections, UserLimit::MaxChannels];
+
+    /// The name in the management API (`max-connections`).
+    pub fn name(self) -> &'static str {
+        match self {
+            UserLimit::MaxConnections => "max-connections",
+            UserLimit::MaxChannels => "max-channels",
+        }
+    }
+
+    /// The limit called `name` in the management API.
+    pub fn parse(name: &str) -> Option<UserLimit> {
+        UserLimit::ALL.into_iter().find(|l| l.name() == name)
+    }
+}
+
+impl VhostLimit {
+    /// Every vhost limit.
+    pub const ALL: [VhostLimit; 2] = [VhostLimit::MaxConnections, VhostLimit::MaxQueues];
+
+    /// The name in the management API (`max-queues`).
+    pub fn name(self) -> &'static str {
+        match self {
+            VhostLimit::MaxConnections => "max-connections",
+            VhostLimit::MaxQueues => "max-queues",
+        }
+    }
+
+    /// The limit called `name` in the management API.
+    pub fn parse(name: &str) -> Option<VhostLimit> {
+        VhostLimit::ALL.into_iter().find(|l| l.name() == name)
+    }
 }
 
 /// An exchange's definition.
@@ -200,6 +274,8 @@ pub struct Vhost {
     pub exchanges: BTreeMap<String, Exchange>,
     /// Queues by name.
     pub queues: BTreeMap<String, QueueDef>,
+    /// Limits set on the vhost.
+    pub limits: BTreeMap<VhostLimit, u64>,
 }
 
 /// The whole metadata.
@@ -213,6 +289,8 @@ pub struct Metadata {
     pub permissions: BTreeMap<(String, String), Permissions>,
     /// Nodes being drained (or drained and removed): never a new home.
     pub draining: BTreeSet<String>,
+    /// Limits set on users, by user name.
+    pub user_limits: BTreeMap<String, BTreeMap<UserLimit, u64>>,
 }
 
 /// What applying a command did.
@@ -349,6 +427,7 @@ impl Metadata {
                     .remove(&name)
                     .ok_or_else(|| MetaError::NotFound(format!("no user '{name}'")))?;
                 self.permissions.retain(|(_, u), _| u != &name);
+                self.user_limits.remove(&name);
                 Ok(Outcome::default())
             }
             Command::SetPermissions {
@@ -437,6 +516,16 @@ impl Metadata {
                     check_queue_equivalent(existing, &queue, &vhost_name)?;
                     return Ok(Outcome::default());
                 }
+                // Checked here, in the decided order, so that a cluster
+                // never holds more than the limit whichever node declares.
+                if let Some(&max) = vhost.limits.get(&VhostLimit::MaxQueues)
+                    && vhost.queues.len() as u64 >= max
+                {
+                    return Err(MetaError::PreconditionFailed(format!(
+                        "cannot declare queue '{}' in vhost '{vhost_name}': vhost queue limit ({max}) is reached",
+                        queue.name
+                    )));
+                }
                 vhost.queues.insert(queue.name.clone(), queue);
                 Ok(created())
             }
@@ -523,6 +612,44 @@ impl Metadata {
                 }
                 let created = queue.home_node != home;
                 queue.home_node = home;
+                Ok(Outcome {
+                    created,
+                    ..Outcome::default()
+                })
+            }
+            Command::SetUserLimit { user, limit, value } => {
+                if !self.users.contains_key(&user) {
+                    return Err(MetaError::NotFound(format!("no user '{user}'")));
+                }
+                let limits = self.user_limits.entry(user.clone()).or_default();
+                let created = match value {
+                    Some(value) => limits.insert(limit, value).is_none(),
+                    None => {
+                        limits.remove(&limit);
+                        false
+                    }
+                };
+                if limits.is_empty() {
+                    self.user_limits.remove(&user);
+                }
+                Ok(Outcome {
+                    created,
+                    ..Outcome::default()
+                })
+            }
+            Command::SetVhostLimit {
+                vhost,
+                limit,
+                value,
+            } => {
+                let vhost = self.vhost_mut(&vhost)?;
+                let created = match value {
+                    Some(value) => vhost.limits.insert(limit, value).is_none(),
+                    None => {
+                        vhost.limits.remove(&limit);
+                        false
+                    }
+                };
                 Ok(Outcome {
                     created,
                     ..Outcome::default()
@@ -707,6 +834,26 @@ impl Metadata {
                         binding,
                     });
                 }
+            }
+        }
+        // Limits come last: a queue limit set below the queues that exist
+        // must not keep them from being rebuilt.
+        for (vhost_name, vhost) in &self.vhosts {
+            for (limit, value) in &vhost.limits {
+                commands.push(Command::SetVhostLimit {
+                    vhost: vhost_name.clone(),
+                    limit: *limit,
+                    value: Some(*value),
+                });
+            }
+        }
+        for (user, limits) in &self.user_limits {
+            for (limit, value) in limits {
+                commands.push(Command::SetUserLimit {
+                    user: user.clone(),
+                    limit: *limit,
+                    value: Some(*value),
+                });
             }
         }
         commands
@@ -1017,6 +1164,76 @@ mod tests {
             [("/".to_string(), "auto".to_string())]
         );
         assert!(!meta.vhosts["/"].exchanges.contains_key("auto"));
+    }
+
+    #[test]
+    fn vhost_queue_limit_refuses_new_queues_and_limits_rebuild_last() {
+        // Goal: max-queues refuses the queue beyond it with RabbitMQ's text, not a redeclaration; a snapshot lists limits after queues so a lowered limit still rebuilds; deleting a user drops its limits.
+        let mut meta = setup();
+        meta.apply(Command::SetVhostLimit {
+            vhost: "/".into(),
+            limit: VhostLimit::MaxQueues,
+            value: Some(1),
+        })
+        .expect("limit");
+        meta.apply(Command::DeclareQueue {
+            vhost: "/".into(),
+            queue: queue("q1"),
+        })
+        .expect("first queue");
+        meta.apply(Command::DeclareQueue {
+            vhost: "/".into(),
+            queue: queue("q1"),
+        })
+        .expect("a redeclaration is not a new queue");
+        let err = meta
+            .apply(Command::DeclareQueue {
+                vhost: "/".into(),
+                queue: queue("q2"),
+            })
+            .expect_err("over the limit");
+        assert_eq!(
+            err,
+            MetaError::PreconditionFailed(
+                "cannot declare queue 'q2' in vhost '/': vhost queue limit (1) is reached".into()
+            )
+        );
+        meta.apply(Command::SetVhostLimit {
+            vhost: "/".into(),
+            limit: VhostLimit::MaxQueues,
+            value: Some(0),
+        })
+        .expect("lower the limit below the count");
+        meta.apply(Command::PutUser {
+            name: "u".into(),
+            password_hash: String::new(),
+            tags: Vec::new(),
+        })
+        .expect("user");
+        meta.apply(Command::SetUserLimit {
+            user: "u".into(),
+            limit: UserLimit::MaxChannels,
+            value: Some(3),
+        })
+        .expect("user limit");
+        let mut rebuilt = Metadata::default();
+        for command in meta.commands_where(|_| true, |_| true) {
+            rebuilt.apply(command).expect("snapshot applies in order");
+        }
+        assert!(rebuilt.vhosts["/"].queues.contains_key("q1"));
+        assert_eq!(rebuilt.vhosts["/"].limits[&VhostLimit::MaxQueues], 0);
+        assert_eq!(rebuilt.user_limits["u"][&UserLimit::MaxChannels], 3);
+        meta.apply(Command::DeleteUser { name: "u".into() })
+            .expect("delete user");
+        assert!(meta.user_limits.is_empty());
+        assert!(matches!(
+            meta.apply(Command::SetUserLimit {
+                user: "nobody".into(),
+                limit: UserLimit::MaxConnections,
+                value: Some(1),
+            }),
+            Err(MetaError::NotFound(_))
+        ));
     }
 
     #[test]

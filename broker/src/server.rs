@@ -380,6 +380,7 @@ async fn accept_loop(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let permits = Arc::new(Semaphore::new(broker.settings.connections_max));
+    let refusing = Arc::new(Semaphore::new(broker.settings.connections_refusing_max));
     let handshake_timeout = Duration::from_millis(broker.settings.handshake_timeout_ms);
     let mut connections = tokio::task::JoinSet::new();
     let mut housekeeping =
@@ -391,13 +392,18 @@ async fn accept_loop(
             _ = housekeeping.tick() => broker.tick(),
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
             accepted = accept_from(listener.as_ref()) => {
-                if let Some((socket, peer, permit)) = admit(&broker, &permits, accepted).await {
+                if let Some((socket, peer, permit)) = admit(&broker, &permits, &refusing, accepted).await {
                     let deadline = tokio::time::Instant::now() + handshake_timeout;
                     let local = socket.local_addr().unwrap_or(peer);
                     let broker = broker.clone();
                     let shutdown = shutdown.clone();
                     connections.spawn(async move {
-                        let peer_info = crate::connection::PeerInfo { addr: peer, local, certificate_name: None };
+                        let peer_info = crate::connection::PeerInfo {
+                            addr: peer,
+                            local,
+                            certificate_name: None,
+                            over_connection_limit: permit.over_limit,
+                        };
                         if let Err(err) = crate::connection::serve(broker, socket, peer_info, deadline, shutdown).await {
                             tracing::debug!(%peer, %err, "connection ended");
                         }
@@ -407,15 +413,16 @@ async fn accept_loop(
             }
             accepted = accept_from(amqps.as_ref().map(|(listener, _)| listener)) => {
                 let Some((_, certificates)) = &amqps else { continue };
-                if let Some((socket, peer, permit)) = admit(&broker, &permits, accepted).await {
+                if let Some((socket, peer, permit)) = admit(&broker, &permits, &refusing, accepted).await {
                     let deadline = tokio::time::Instant::now() + handshake_timeout;
                     let local = socket.local_addr().unwrap_or(peer);
                     let broker = broker.clone();
                     let shutdown = shutdown.clone();
                     // The certificate in use now: a reload applies to new connections.
                     let acceptor = TlsAcceptor::from(certificates.amqps());
+                    let over_limit = permit.over_limit;
                     connections.spawn(async move {
-                        serve_tls(broker, acceptor, socket, peer, local, deadline, shutdown).await;
+                        serve_tls(broker, acceptor, socket, (peer, local, over_limit), deadline, shutdown).await;
                         drop(permit);
                     });
                 }
@@ -433,19 +440,24 @@ async fn accept_loop(
     connections.abort_all();
 }
 
-/// Takes a connection slot for an accepted socket. Without one, the socket
-/// is closed at once: the client sees the connection end before any AMQP
-/// byte, and the refusal is logged and counted; connections already open
-/// are not disturbed.
+/// A connection slot held by an accepted socket until its task ends.
+struct Admitted {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    /// The slot is one of the few kept for refusing politely.
+    over_limit: bool,
+}
+
+/// Takes a connection slot for an accepted socket. Over `--max-connections`
+/// the socket takes one of `connections_refusing_max` refusal slots: its
+/// handshake runs and `connection.open` is answered with `530 NOT_ALLOWED`.
+/// Without either, the socket is closed at once, before any AMQP byte.
+/// Refusals are logged and counted; open connections are not disturbed.
 async fn admit(
     broker: &Broker,
     permits: &Arc<Semaphore>,
+    refusing: &Arc<Semaphore>,
     accepted: std::io::Result<(tokio::net::TcpStream, SocketAddr)>,
-) -> Option<(
-    tokio::net::TcpStream,
-    SocketAddr,
-    tokio::sync::OwnedSemaphorePermit,
-)> {
+) -> Option<(tokio::net::TcpStream, SocketAddr, Admitted)> {
     let (socket, peer) = match accepted {
         Ok(pair) => pair,
         Err(err) => {
@@ -455,18 +467,30 @@ async fn admit(
             return None;
         }
     };
-    let Ok(permit) = permits.clone().try_acquire_owned() else {
-        tracing::warn!(
-            %peer,
-            connections_max = broker.settings.connections_max,
-            "connection limit reached; refusing"
-        );
-        broker.metrics.connections_refused_total.inc();
-        drop(socket);
-        return None;
+    let admitted = match permits.clone().try_acquire_owned() {
+        Ok(permit) => Admitted {
+            _permit: permit,
+            over_limit: false,
+        },
+        Err(_) => {
+            broker.metrics.connections_refused_total.inc();
+            let Ok(permit) = refusing.clone().try_acquire_owned() else {
+                tracing::warn!(
+                    %peer,
+                    connections_max = broker.settings.connections_max,
+                    "connection limit reached; closing the socket"
+                );
+                drop(socket);
+                return None;
+            };
+            Admitted {
+                _permit: permit,
+                over_limit: true,
+            }
+        }
     };
     let _ = socket.set_nodelay(true);
-    Some((socket, peer, permit))
+    Some((socket, peer, admitted))
 }
 
 /// Runs the TLS handshake (bounded by the same deadline as the AMQP
@@ -475,8 +499,7 @@ async fn serve_tls(
     broker: Arc<Broker>,
     acceptor: TlsAcceptor,
     socket: tokio::net::TcpStream,
-    peer: SocketAddr,
-    local: SocketAddr,
+    (peer, local, over_connection_limit): (SocketAddr, SocketAddr, bool),
     deadline: tokio::time::Instant,
     shutdown: watch::Receiver<bool>,
 ) {
@@ -496,6 +519,7 @@ async fn serve_tls(
         addr: peer,
         local,
         certificate_name: crate::tls::peer_common_name(&stream),
+        over_connection_limit,
     };
     if let Err(err) = crate::connection::serve(broker, stream, peer_info, deadline, shutdown).await
     {

@@ -553,8 +553,12 @@ async fn unfinished_handshakes_are_closed_at_the_timeout() {
 
 #[tokio::test]
 async fn connections_beyond_the_limit_are_refused_without_harming_the_others() {
-    // Goal: with connections_max 2 a third socket is closed at once and counted; a freed slot is reusable.
-    let broker = start(&[], |s| s.connections_max = 2).await;
+    // Goal: with connections_max 2 and no refusal slots a third socket is closed at once and counted; a freed slot is reusable (the polite 530 refusal is in limits.rs).
+    let broker = start(&[], |s| {
+        s.connections_max = 2;
+        s.connections_refusing_max = 0;
+    })
+    .await;
     let first = connect_plain(&broker).await;
     let second = connect_plain(&broker).await;
     let mut third = Raw::connect_from(broker.amqp_addr, [127, 0, 0, 1]).await;

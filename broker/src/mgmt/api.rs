@@ -283,6 +283,36 @@ pub struct PermissionInfo {
     pub read: String,
 }
 
+/// An element of `GET /api/user-limits[/{user}]`: `{"user": "guest",
+/// "value": {"max-connections": 10}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserLimitsInfo {
+    /// User name.
+    pub user: String,
+    /// Limit name (`max-connections`, `max-channels`) to its bound.
+    pub value: BTreeMap<String, i64>,
+}
+
+/// An element of `GET /api/vhost-limits[/{vhost}]`: `{"vhost": "/",
+/// "value": {"max-queues": 100}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VhostLimitsInfo {
+    /// Virtual host.
+    pub vhost: String,
+    /// Limit name (`max-connections`, `max-queues`) to its bound.
+    pub value: BTreeMap<String, i64>,
+}
+
+/// Body of `PUT /api/user-limits/{user}/{name}` and
+/// `PUT /api/vhost-limits/{vhost}/{name}`: `{"value": 10}`; a negative
+/// value removes the limit, 0 allows nothing (as RabbitMQ).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitValue {
+    /// The bound.
+    pub value: i64,
+}
+
 /// Object counts in [`Overview`].
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ObjectTotals {

@@ -10,7 +10,8 @@
 //! `error` the one error enum and its status mapping; `auth` basic auth
 //! and tags; `convert` JSON <-> AMQP tables, path encoding, body parsing;
 //! `status` overview, nodes, connections, channels, health, cluster;
-//! `access` vhosts, users, permissions; `topology` exchanges, queues,
+//! `access` vhosts, users, permissions; `resource_limits` user and vhost limits;
+//! `topology` exchanges, queues,
 //! bindings; `definitions` import/export; [`cluster`] the cluster view.
 
 mod access;
@@ -20,6 +21,7 @@ pub mod cluster;
 mod convert;
 mod definitions;
 mod error;
+mod resource_limits;
 mod status;
 mod topology;
 
@@ -85,6 +87,7 @@ pub fn router(broker: Arc<Broker>) -> Router {
     Router::new()
         .merge(status::routes())
         .merge(access::routes())
+        .merge(resource_limits::routes())
         .merge(topology::routes())
         .merge(definitions::routes())
         .fallback(not_found)

@@ -93,7 +93,7 @@ fn this_node(state: &AppState) -> NodeInfo {
         mem_used: crate::metrics::resident_memory_bytes()
             .and_then(|b| u64::try_from(b).ok())
             .unwrap_or(0),
-        mem_limit: broker.settings.memory_high_watermark_bytes,
+        mem_limit: broker.memory_high_watermark_bytes(),
         mem_alarm: broker.metrics.memory_alarm.get() == 1,
         disk_free_alarm: broker.metrics.disk_alarm.get() == 1,
         uptime: u64::try_from(state.started.elapsed().as_millis()).unwrap_or(u64::MAX),

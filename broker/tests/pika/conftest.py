@@ -42,11 +42,12 @@ class BrokerStartError(Exception):
 
 class SynodProcess:
     """One synod-broker process on free loopback ports with its own data
-    directory; restart() stops it (SIGTERM) and starts it again on the same
-    ports and data."""
+    directory and any extra flags; restart() stops it (SIGTERM) and starts
+    it again on the same ports and data."""
 
-    def __init__(self, binary):
+    def __init__(self, binary, extra_args=()):
         self.binary = binary
+        self.extra_args = list(extra_args)
         self.dir = Path(tempfile.mkdtemp(prefix="synod-pika-"))
         self.ports = [_free_port() for _ in range(4)]
         self.log_path = self.dir / "broker.log"
@@ -65,7 +66,7 @@ class SynodProcess:
              "--mgmt-listen", f"127.0.0.1:{mgmt}",
              "--metrics-listen", f"127.0.0.1:{metrics}",
              "--cluster-listen", f"127.0.0.1:{cluster}",
-             "--data-dir", str(self.dir / "data")],
+             "--data-dir", str(self.dir / "data"), *self.extra_args],
             stdout=log, stderr=subprocess.STDOUT)
         log.close()
         deadline = time.monotonic() + BROKER_START_TIMEOUT_S
