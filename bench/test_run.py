@@ -14,15 +14,21 @@ import unittest
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def load_run():
-    loader = importlib.machinery.SourceFileLoader("bench_run", os.path.join(HERE, "run"))
-    spec = importlib.util.spec_from_loader("bench_run", loader)
+def load_module(filename):
+    name = "bench_" + filename.replace(".py", "")
+    loader = importlib.machinery.SourceFileLoader(name, os.path.join(HERE, filename))
+    spec = importlib.util.spec_from_loader(name, loader)
     module = importlib.util.module_from_spec(spec)
     loader.exec_module(module)
     return module
 
 
+def load_run():
+    return load_module("run")
+
+
 run = load_run()
+residence = load_module("residence.py")
 
 # Lines as PerfTest 2.22 prints them (trimmed from a real run against RabbitMQ).
 S1_OUTPUT = """\
@@ -265,6 +271,55 @@ class AmqpTest(unittest.TestCase):
         self.assertEqual(sent_by_client[0], b"AMQP\x00\x00\x09\x01")
         self.assertIn(run.shortstr("PLAIN") + run.longstr(b"\x00guest\x00guest"), sent_by_client[1])
         self.assertIn(run.method_frame(1, 50, 10, run.queue_declare_args("q", durable=True)), sent_by_client[1])
+
+
+class ResidenceTest(unittest.TestCase):
+    @staticmethod
+    def pcap(packets):
+        """A nanosecond pcap of loopback (Ethernet) IPv4/TCP packets."""
+        import struct
+
+        out = struct.pack("<IHHiIII", 0xA1B23C4D, 2, 4, 0, 0, 65535, 1)
+        for t_ns, source, destination, payload in packets:
+            tcp = struct.pack(">HHIIBBHHH", source, destination, 0, 0, 5 << 4, 0x18, 65535, 0, 0) + payload
+            ip = struct.pack(">BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0, 64, 6, 0,
+                             bytes([127, 0, 0, 1]), bytes([127, 0, 0, 1])) + tcp
+            frame = bytes(14) + ip
+            out += struct.pack("<IIII", t_ns // 10**9, t_ns % 10**9, len(frame), len(frame)) + frame
+        return out
+
+    def test_residence_matches_bodies_in_and_out(self):
+        # Goal: a body's residence runs from the packet completing it inbound
+        # to the packet completing it outbound, across split frames and the
+        # client's protocol header; other ports are ignored.
+        import struct
+
+        def body_frame(sequence, producer_ns):
+            body = struct.pack(">iq", sequence, producer_ns) + bytes(4)
+            return struct.pack(">BHI", 3, 1, len(body)) + body + b"\xce"
+
+        header = struct.pack(">BHI", 2, 1, 14) + bytes(14) + b"\xce"  # a content header, skipped
+        one, two = body_frame(1, 500), body_frame(2, 900)
+        s = 10**9
+        capture = self.pcap([
+            (1 * s, 40000, 5672, b"AMQP\x00\x00\x09\x01"),
+            (2 * s, 40000, 5672, header + one),
+            (2 * s + 1000, 40000, 5672, two[:5]),
+            (2 * s + 3000, 40000, 5672, two[5:]),
+            (2 * s + 50_000, 5672, 40001, header + one + two[:9]),
+            (2 * s + 80_000, 5672, 40001, two[9:]),
+            (2 * s + 90_000, 6000, 40002, body_frame(3, 0)),
+        ])
+        rows, n_in, n_out = residence.residence(capture, 5672)
+        self.assertEqual((n_in, n_out), (2, 2))
+        self.assertEqual(len(rows), 2)
+        self.assertAlmostEqual(rows[0][1], 50.0, places=3)
+        self.assertAlmostEqual(rows[1][1], 77.0, places=3)
+        # Producer clock to wire: 2 s minus 500 ns against 2.000003 s minus 900 ns.
+        self.assertAlmostEqual(rows[1][2] - rows[0][2], 3.0 - 0.4, places=3)
+        # The warm-up counts from the first packet (the protocol header at 1 s).
+        self.assertEqual(len(residence.residence(capture, 5672, skip_s=0.5)[0]), 2)
+        self.assertEqual(len(residence.residence(capture, 5672, skip_s=1.5)[0]), 0)
 
 
 class ProcessTest(unittest.TestCase):
