@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Tests bench/run's PerfTest output parsing, statistics and table without brokers.
+"""Tests bench/run's PerfTest output parsing, statistics, table, S7 cluster plan
+and AMQP declaration client without brokers.
 
 Run: python3 bench/test_run.py (standard library only; about a second).
 """
@@ -13,15 +14,21 @@ import unittest
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def load_run():
-    loader = importlib.machinery.SourceFileLoader("bench_run", os.path.join(HERE, "run"))
-    spec = importlib.util.spec_from_loader("bench_run", loader)
+def load_module(filename):
+    name = "bench_" + filename.replace(".py", "")
+    loader = importlib.machinery.SourceFileLoader(name, os.path.join(HERE, filename))
+    spec = importlib.util.spec_from_loader(name, loader)
     module = importlib.util.module_from_spec(spec)
     loader.exec_module(module)
     return module
 
 
+def load_run():
+    return load_module("run")
+
+
 run = load_run()
+residence = load_module("residence.py")
 
 # Lines as PerfTest 2.22 prints them (trimmed from a real run against RabbitMQ).
 S1_OUTPUT = """\
@@ -108,12 +115,211 @@ class TableTest(unittest.TestCase):
         table = self.render({"S4 latency p99 µs": {"candidate": [600], "baseline": [1000]}})
         self.assertIn("| 0.60x | <= 0.5x | **no** |", table)
 
-    def test_failures_and_cluster_row(self):
-        # Goal: a failed scenario and the absent cluster scenario are both visible.
+    def test_failures_are_visible(self):
+        # Goal: a scenario that failed in some round gets an errors row.
         table = self.render({}, {"S1": {"candidate": "broker failed to start"}})
         self.assertIn("| S1 errors (at least one round) | broker failed to start |", table)
-        self.assertIn("| S7 cluster", table)
-        self.assertIn("n/a", table)
+
+    def test_cluster_rows_targets_and_cross_node_ratio(self):
+        # Goal: S7 rows sit under S7 with their targets, and the cross-node /
+        # single-node ratio is derived per broker from the same run's medians.
+        results = {
+            "S1 received msg/s": {"candidate": [100, 200, 300], "baseline": [50]},
+            "S7-S1 received msg/s": {"candidate": [150], "baseline": [10]},
+            "S7-S2 received msg/s": {"candidate": [40], "baseline": [10]},
+            "S7 idle RSS after start MiB (3 nodes)": {"candidate": [30], "baseline": [400]},
+        }
+        table = self.render(results, names=("S1", "S7"))
+        rows = table.splitlines()
+        self.assertIn("| S7-S1 received msg/s | 150 | 10.0 | 15.00x | >= 3x | yes |", rows)
+        self.assertIn("| S7-S2 received msg/s | 40.0 | 10.0 | 4.00x | >= 2x | yes |", rows)
+        self.assertIn("| S7-S1 received, cross-node / single-node | 0.75 | 0.20 | 3.75x |  |  |", rows)
+        # No S2 single-node figure: no S2 cross-node ratio.
+        self.assertNotIn("S7-S2 received, cross-node", table)
+        s7_rows = [i for i, r in enumerate(rows) if r.startswith("| S7")]
+        s1_rows = [i for i, r in enumerate(rows) if r.startswith("| S1 ")]
+        self.assertGreater(min(s7_rows), max(s1_rows))
+        self.assertIn("producer on node 2", table)
+
+
+class ClusterPlanTest(unittest.TestCase):
+    class Cluster:
+        uris = ["amqp://node1", "amqp://node2", "amqp://node3"]
+
+    def test_s7_clients_cross_nodes_on_the_predeclared_queue(self):
+        # Goal: the producer talks to node 2, the consumer to node 3, both on
+        # the queue declared on node 1 (-p), with S1's and S2's own flags.
+        for part, queue, producer_flag, consumer_flag in (
+            ("S1", "q.s7.s1", "-s", "-a"),
+            ("S2", "q.s7.s2", "-c", "-A"),
+        ):
+            (c_uri, c_label, c_flags), (p_uri, p_label, p_flags) = run.s7_clients(self.Cluster(), part, 15)
+            self.assertEqual((c_uri, p_uri), ("amqp://node3", "amqp://node2"))
+            self.assertEqual((c_label, p_label), (f"S7-{part}-consumer", f"S7-{part}-producer"))
+            for flags in (c_flags, p_flags):
+                self.assertIn("-p", flags)
+                self.assertEqual(flags[flags.index("-u") + 1], queue)
+                self.assertEqual(flags[flags.index("-z") + 1], "15")
+            self.assertEqual(p_flags[:4], ["-x", "1", "-y", "0"])
+            self.assertEqual(c_flags[:4], ["-x", "0", "-y", "1"])
+            self.assertIn(producer_flag, p_flags)
+            self.assertIn(consumer_flag, c_flags)
+
+    def test_round_runs_s7_on_the_cluster(self):
+        # Goal: a round starts the broker's cluster (not the broker) for S7,
+        # records the cluster's idle memory under S7, and always stops it.
+        events = []
+
+        class Fake:
+            def __init__(self, name):
+                self.name, self.role, self.cluster, self.log_path = name, "candidate", None, None
+
+            def start(self):
+                events.append(("start", self.name))
+
+            def stop(self):
+                events.append(("stop", self.name))
+
+            def alive(self):
+                return True
+
+            def rss_bytes(self):
+                return 3 * run.MB
+
+        single, cluster = Fake("single"), Fake("cluster")
+        single.cluster = cluster
+
+        def scenario(perf, broker, st):
+            events.append(("S7", broker.name))
+            return {"S7-S1 received msg/s": 5.0}
+
+        class Perf:
+            log_dir = os.environ.get("TMPDIR", "/tmp")
+
+        saved = run.SCENARIOS["S7"]
+        run.SCENARIOS["S7"] = (scenario, "cluster")
+        try:
+            results, failures = {}, {}
+            run.run_round(Perf(), single, ["S7"], None, results, failures, 1)
+        finally:
+            run.SCENARIOS["S7"] = saved
+        self.assertEqual(events, [("start", "cluster"), ("S7", "cluster"), ("stop", "cluster")])
+        self.assertEqual(results["S7-S1 received msg/s"], {"candidate": [5.0]})
+        self.assertEqual(results["S7 idle RSS after start MiB (3 nodes)"], {"candidate": [3.0]})
+        self.assertEqual(failures, {})
+
+
+class AmqpTest(unittest.TestCase):
+    def test_method_frame_layout(self):
+        # Goal: a Queue.Declare frame is type 1, channel, size, class 50
+        # method 10, the durable bit, an empty table, and the frame end.
+        frame = run.method_frame(1, 50, 10, run.queue_declare_args("q", durable=True))
+        self.assertEqual(
+            frame,
+            b"\x01\x00\x01\x00\x00\x00\x0d" + b"\x00\x32\x00\x0a" + b"\x00\x00\x01q\x02"
+            + b"\x00\x00\x00\x00" + b"\xce",
+        )
+
+    def test_declare_against_a_scripted_peer(self):
+        # Goal: the client completes the handshake, declares, reads the
+        # message count, and reports a channel close as an error.
+        import socket
+        import struct
+        import threading
+
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        sent_by_client = []
+
+        def peer():
+            conn, _ = listener.accept()
+            with conn:
+                header = conn.recv(8)
+                sent_by_client.append(header)
+                start_args = b"\x00\x09" + struct.pack(">I", 0) + struct.pack(">I", 5) + b"PLAIN" + struct.pack(">I", 5) + b"en_US"
+                conn.sendall(run.method_frame(0, 10, 10, start_args))
+                conn.sendall(run.method_frame(0, 10, 30, struct.pack(">HIH", 2047, 131072, 60)))
+                conn.sendall(run.method_frame(0, 10, 41, b"\x00"))
+                conn.sendall(run.method_frame(1, 20, 11, struct.pack(">I", 0)))
+                conn.sendall(bytes([8, 0, 0, 0, 0, 0, 0, 0xCE]))  # a heartbeat in between
+                conn.sendall(run.method_frame(1, 50, 11, run.shortstr("q") + struct.pack(">II", 7, 0)))
+                close = struct.pack(">H", 406) + run.shortstr("PRECONDITION_FAILED") + struct.pack(">HH", 50, 10)
+                conn.sendall(run.method_frame(1, 20, 40, close))
+                deadline = run.time.monotonic() + 5
+                conn.settimeout(5)
+                data = b""
+                while run.time.monotonic() < deadline:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                sent_by_client.append(data)
+
+        thread = threading.Thread(target=peer, daemon=True)
+        thread.start()
+        port = listener.getsockname()[1]
+        client = run.AmqpClient(port, timeout_s=5)
+        try:
+            self.assertEqual(client.declare_queue("q", durable=True), 7)
+            with self.assertRaisesRegex(run.BenchError, "406 PRECONDITION_FAILED"):
+                client.declare_queue("q", durable=False)
+        finally:
+            client.sock.close()
+        thread.join(10)
+        listener.close()
+        self.assertEqual(sent_by_client[0], b"AMQP\x00\x00\x09\x01")
+        self.assertIn(run.shortstr("PLAIN") + run.longstr(b"\x00guest\x00guest"), sent_by_client[1])
+        self.assertIn(run.method_frame(1, 50, 10, run.queue_declare_args("q", durable=True)), sent_by_client[1])
+
+
+class ResidenceTest(unittest.TestCase):
+    @staticmethod
+    def pcap(packets):
+        """A nanosecond pcap of loopback (Ethernet) IPv4/TCP packets."""
+        import struct
+
+        out = struct.pack("<IHHiIII", 0xA1B23C4D, 2, 4, 0, 0, 65535, 1)
+        for t_ns, source, destination, payload in packets:
+            tcp = struct.pack(">HHIIBBHHH", source, destination, 0, 0, 5 << 4, 0x18, 65535, 0, 0) + payload
+            ip = struct.pack(">BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0, 64, 6, 0,
+                             bytes([127, 0, 0, 1]), bytes([127, 0, 0, 1])) + tcp
+            frame = bytes(14) + ip
+            out += struct.pack("<IIII", t_ns // 10**9, t_ns % 10**9, len(frame), len(frame)) + frame
+        return out
+
+    def test_residence_matches_bodies_in_and_out(self):
+        # Goal: a body's residence runs from the packet completing it inbound
+        # to the packet completing it outbound, across split frames and the
+        # client's protocol header; other ports are ignored.
+        import struct
+
+        def body_frame(sequence, producer_ns):
+            body = struct.pack(">iq", sequence, producer_ns) + bytes(4)
+            return struct.pack(">BHI", 3, 1, len(body)) + body + b"\xce"
+
+        header = struct.pack(">BHI", 2, 1, 14) + bytes(14) + b"\xce"  # a content header, skipped
+        one, two = body_frame(1, 500), body_frame(2, 900)
+        s = 10**9
+        capture = self.pcap([
+            (1 * s, 40000, 5672, b"AMQP\x00\x00\x09\x01"),
+            (2 * s, 40000, 5672, header + one),
+            (2 * s + 1000, 40000, 5672, two[:5]),
+            (2 * s + 3000, 40000, 5672, two[5:]),
+            (2 * s + 50_000, 5672, 40001, header + one + two[:9]),
+            (2 * s + 80_000, 5672, 40001, two[9:]),
+            (2 * s + 90_000, 6000, 40002, body_frame(3, 0)),
+        ])
+        rows, n_in, n_out = residence.residence(capture, 5672)
+        self.assertEqual((n_in, n_out), (2, 2))
+        self.assertEqual(len(rows), 2)
+        self.assertAlmostEqual(rows[0][1], 50.0, places=3)
+        self.assertAlmostEqual(rows[1][1], 77.0, places=3)
+        # Producer clock to wire: 2 s minus 500 ns against 2.000003 s minus 900 ns.
+        self.assertAlmostEqual(rows[1][2] - rows[0][2], 3.0 - 0.4, places=3)
+        # The warm-up counts from the first packet (the protocol header at 1 s).
+        self.assertEqual(len(residence.residence(capture, 5672, skip_s=0.5)[0]), 2)
+        self.assertEqual(len(residence.residence(capture, 5672, skip_s=1.5)[0]), 0)
 
 
 class ProcessTest(unittest.TestCase):
