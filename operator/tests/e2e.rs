@@ -11,16 +11,18 @@
 #[rustfmt::skip]
 mod support;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::ResourceExt;
-use kube::api::Api;
+use kube::api::{Api, ListParams};
 use lapin::Confirmation;
 use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
@@ -48,6 +50,25 @@ const NAMESPACE: &str = "e2e";
 const CLUSTER: &str = "hello";
 /// Messages published through the fanout exchange in step 3.
 const FANOUT_MESSAGES: usize = 50;
+/// Persistent messages parked on the top pod before a scale-down.
+const PARKED_MESSAGES: usize = 200;
+/// Least number of confirmed publishes expected across a configuration roll
+/// (a publisher that stalled for the whole roll would prove nothing).
+const ROLL_CONFIRMED_MIN: usize = 20;
+/// Pause between publishes of the roll's publisher: paces it to a few
+/// hundred messages per second so the backlog stays small.
+const ROLL_PUBLISH_PACE: Duration = Duration::from_millis(5);
+/// How often pod readiness is sampled during the roll.
+const READINESS_SAMPLE_INTERVAL: Duration = Duration::from_millis(100);
+/// Pod label selector of the cluster's brokers.
+const BROKER_PODS: &str = "app.kubernetes.io/name=synod,app.kubernetes.io/instance=hello,app.kubernetes.io/component=broker";
+
+/// Whether a scale-down keeps the messages of queues homed on the removed
+/// pods (the broker moves them to the remaining members while the operator
+/// waits). Turn on once `DELETE /api/cluster/members/{node}` drains the node;
+/// until then a queue homed on a leaving pod blocks the scale-down forever.
+const SCALE_DOWN_MOVES_QUEUES: bool = false;
+
 /// Lines of the operator's log printed when the test fails.
 const LOG_TAIL_LINES: usize = 60;
 
@@ -436,6 +457,189 @@ async fn publish_confirmed(
     }
 }
 
+/// Whether the pod is Ready and not being deleted.
+fn pod_serving(pod: &Pod) -> bool {
+    pod.metadata.deletion_timestamp.is_none()
+        && pod
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// The cluster's pods by name.
+async fn broker_pods(pods: &Api<Pod>) -> BTreeMap<String, Pod> {
+    pods.list(&ListParams::default().labels(BROKER_PODS))
+        .await
+        .map(|list| list.items.into_iter().map(|p| (p.name_any(), p)).collect())
+        .unwrap_or_default()
+}
+
+/// Ordinals among `0..replicas` whose pod is Ready and not terminating.
+async fn serving_ordinals(pods: &Api<Pod>, replicas: usize) -> Vec<usize> {
+    let current = broker_pods(pods).await;
+    (0..replicas)
+        .filter(|i| {
+            current
+                .get(&format!("{CLUSTER}-{i}"))
+                .is_some_and(pod_serving)
+        })
+        .collect()
+}
+
+/// What the roll's publisher did.
+#[derive(Debug, Default)]
+struct PublishReport {
+    /// Bodies the broker confirmed.
+    confirmed: BTreeSet<String>,
+    /// Publishes sent.
+    sent: usize,
+    /// Publishes the broker refused (basic.nack).
+    nacked: usize,
+    /// Connections opened (the first one included).
+    connections: usize,
+}
+
+/// Publishes persistent messages to `queue` with confirms, one at a time,
+/// through any Ready pod, moving to another on a lost connection or an
+/// unanswered publish, until `stop` turns true.
+async fn publish_until_stopped(
+    pods: Api<Pod>,
+    addresses: Vec<Ipv4Addr>,
+    credentials: (String, String),
+    queue: String,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> PublishReport {
+    let mut report = PublishReport::default();
+    let mut next_ordinal = 0;
+    'connections: while !*stop.borrow() {
+        let serving = serving_ordinals(&pods, addresses.len()).await;
+        let Some(&ordinal) = serving
+            .iter()
+            .find(|&&o| o >= next_ordinal)
+            .or(serving.first())
+        else {
+            tokio::time::sleep(POLL_INTERVAL).await;
+            continue;
+        };
+        next_ordinal = (ordinal + 1) % addresses.len();
+        let Ok(connection) = connect(addresses[ordinal], &credentials).await else {
+            continue;
+        };
+        report.connections += 1;
+        let Ok(channel) = connection.create_channel().await else {
+            continue;
+        };
+        if channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .is_err()
+        {
+            continue;
+        }
+        loop {
+            if *stop.borrow() {
+                let _ = connection.close(200, "done".into()).await;
+                break 'connections;
+            }
+            let body = format!("roll {}", report.sent);
+            report.sent += 1;
+            let published = tokio::time::timeout(CLIENT_TIMEOUT, async {
+                channel
+                    .basic_publish(
+                        "".into(),
+                        queue.as_str().into(),
+                        BasicPublishOptions::default(),
+                        body.as_bytes(),
+                        BasicProperties::default().with_delivery_mode(2),
+                    )
+                    .await?
+                    .await
+            })
+            .await;
+            match published {
+                Ok(Ok(Confirmation::Ack(_))) => {
+                    report.confirmed.insert(body);
+                }
+                Ok(Ok(_)) => report.nacked += 1,
+                // Connection lost or no answer: try another pod.
+                Ok(Err(_)) | Err(_) => continue 'connections,
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(ROLL_PUBLISH_PACE) => {}
+                _ = stop.changed() => {}
+            }
+        }
+    }
+    report
+}
+
+/// Samples pod readiness until `stop`: the largest number of the first
+/// `replicas` pods seen not Ready (missing, terminating or unready) at once.
+async fn max_not_ready(
+    pods: Api<Pod>,
+    replicas: usize,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> usize {
+    let mut worst = 0;
+    while !*stop.borrow() {
+        let not_ready = replicas - serving_ordinals(&pods, replicas).await.len();
+        if not_ready > worst {
+            eprintln!("e2e: {not_ready} pod(s) not Ready at once");
+            worst = not_ready;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(READINESS_SAMPLE_INTERVAL) => {}
+            _ = stop.changed() => {}
+        }
+    }
+    worst
+}
+
+/// Declares durable queue `parked` homed on the top pod `node` through the
+/// management API and publishes confirmed persistent messages to it.
+async fn park_messages(
+    management: &Management,
+    node: &str,
+    ip: Ipv4Addr,
+    credentials: &(String, String),
+) -> BTreeSet<String> {
+    let (code, body) = management
+        .request(
+            reqwest::Method::PUT,
+            "/api/queues/%2F/parked",
+            Some(serde_json::json!({"durable": true, "node": node})),
+        )
+        .await;
+    assert!(code.is_success(), "PUT parked: {code} {body}");
+    let (code, queue) = management.get("/api/queues/%2F/parked").await;
+    assert_eq!(
+        (code, queue["node"].as_str()),
+        (StatusCode::OK, Some(node)),
+        "{queue}"
+    );
+    let connection = connect(ip, credentials).await.expect("AMQP to the top pod");
+    let channel = connection.create_channel().await.expect("channel");
+    let bodies: Vec<String> = (0..PARKED_MESSAGES)
+        .map(|i| format!("parked {i}"))
+        .collect();
+    publish_confirmed(&channel, "", "parked", &bodies).await;
+    connection.close(200, "done".into()).await.expect("close");
+    bodies.into_iter().collect()
+}
+
+/// Waits until `name` of kind `K` no longer exists.
+async fn wait_gone<K>(api: &Api<K>, kind: &str, name: &str)
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    wait_for(&format!("{kind} {name} gone"), TIMEOUT, || {
+        let api = api.clone();
+        async move { api.get_opt(name).await.ok()?.is_none().then_some(()) }
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_runs_a_three_node_cluster_through_its_life() {
     // Goal: with the operator binary under its chart RBAC, a 3-replica cluster forms, serves declared topology to real clients, scales, rolls a config change one pod at a time without losing confirmed messages, recovers a deleted pod, cleans up after deletion, and invalid resources are refused with clear messages.
@@ -624,6 +828,347 @@ async fn a_user_runs_a_three_node_cluster_through_its_life() {
         consumer.close(200, "done".into()).await.expect("close");
     }
     steps.done("step 3: topology Ready, fanout through hello-0 to hello-1 and hello-2");
+
+    // Step 4: scale to 5 and back to 3; membership follows.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
+    kubectl_ok(
+        &env,
+        &[
+            "scale",
+            "--namespace",
+            NAMESPACE,
+            "brokercluster/hello",
+            "--replicas=5",
+        ],
+        None,
+    );
+    wait_cluster_converged(&clusters, 5).await;
+    steps.done("step 4: scaled up to 5 members");
+    let parked = if SCALE_DOWN_MOVES_QUEUES {
+        Some(park_messages(&management, "hello-4", pod_ip(4), &credentials).await)
+    } else {
+        None
+    };
+    kubectl_ok(
+        &env,
+        &[
+            "scale",
+            "--namespace",
+            NAMESPACE,
+            "brokercluster/hello",
+            "--replicas=3",
+        ],
+        None,
+    );
+    wait_cluster_converged(&clusters, 3).await;
+    let statefulsets: Api<StatefulSet> = Api::namespaced(client.clone(), NAMESPACE);
+    wait_for(
+        "StatefulSet shrunk to 3 and pods hello-3, hello-4 gone",
+        TIMEOUT,
+        || {
+            let (statefulsets, pods) = (statefulsets.clone(), pods.clone());
+            async move {
+                let replicas = statefulsets.get(CLUSTER).await.ok()?.spec?.replicas;
+                let current = broker_pods(&pods).await;
+                (replicas == Some(3) && current.len() == 3).then_some(())
+            }
+        },
+    )
+    .await;
+    if let Some(parked) = parked {
+        let (code, queue) = management.get("/api/queues/%2F/parked").await;
+        assert_eq!(code, StatusCode::OK, "{queue}");
+        let node = queue["node"].as_str().unwrap_or_default();
+        assert!(["hello-0", "hello-1", "hello-2"].contains(&node), "{queue}");
+        let connection = connect(pod_ip(0), &credentials)
+            .await
+            .expect("AMQP to hello-0");
+        let channel = connection.create_channel().await.expect("channel");
+        consume_expecting(&channel, "parked", &parked, TIMEOUT).await;
+        connection.close(200, "done".into()).await.expect("close");
+    }
+    steps.done("step 4: scaled down to 3 members");
+    operator.assert_running();
+
+    // Step 5: a configuration change rolls the pods one at a time while a
+    // client keeps publishing with confirms through whichever pod is Ready.
+    let rolling = format!(
+        "apiVersion: synod.dev/v1alpha1\nkind: Queue\nmetadata:\n  name: rolling\nspec:\n  clusterRef:\n    name: {CLUSTER}\n  name: rolling\n  durable: true\n"
+    );
+    kubectl_ok(
+        &env,
+        &["apply", "--namespace", NAMESPACE, "-f", "-"],
+        Some(&rolling),
+    );
+    wait_topology(&queues, "rolling", |o| o.status.as_ref(), ("True", "")).await;
+    let before: BTreeMap<String, Option<String>> = broker_pods(&pods)
+        .await
+        .into_iter()
+        .map(|(name, pod)| (name, pod.uid()))
+        .collect();
+    assert_eq!(before.len(), 3);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let addresses: Vec<Ipv4Addr> = (0..3).map(pod_ip).collect();
+    let publisher = tokio::spawn(publish_until_stopped(
+        pods.clone(),
+        addresses,
+        credentials.clone(),
+        "rolling".to_string(),
+        stop_rx.clone(),
+    ));
+    let observer = tokio::spawn(max_not_ready(pods.clone(), 3, stop_rx));
+    kubectl_ok(
+        &env,
+        &[
+            "patch",
+            "--namespace",
+            NAMESPACE,
+            "brokercluster/hello",
+            "--type=merge",
+            "--patch",
+            r#"{"spec":{"config":{"max-message-size":67108864}}}"#,
+        ],
+        None,
+    );
+    wait_for(
+        "every pod restarted with the new configuration",
+        CONVERGE_TIMEOUT,
+        || {
+            let (pods, before) = (pods.clone(), before.clone());
+            async move {
+                let current = broker_pods(&pods).await;
+                let restarted = current.len() == 3
+                    && current.iter().all(|(name, pod)| {
+                        before.get(name) != Some(&pod.uid()) && pod_serving(pod)
+                    });
+                restarted.then_some(())
+            }
+        },
+    )
+    .await;
+    wait_cluster_converged(&clusters, 3).await;
+    let _ = stop_tx.send(true);
+    let report = publisher.await.expect("publisher task");
+    let worst = observer.await.expect("observer task");
+    eprintln!(
+        "e2e: roll: {} sent, {} confirmed, {} nacked, {} connection(s); at most {worst} pod(s) not Ready at once",
+        report.sent,
+        report.confirmed.len(),
+        report.nacked,
+        report.connections
+    );
+    assert!(
+        worst <= 1,
+        "{worst} pods were not Ready at the same time during the roll"
+    );
+    assert!(
+        report.confirmed.len() >= ROLL_CONFIRMED_MIN,
+        "only {} publishes confirmed during the roll",
+        report.confirmed.len()
+    );
+    let config = Api::<ConfigMap>::namespaced(client.clone(), NAMESPACE)
+        .get(&format!("{CLUSTER}-config"))
+        .await
+        .expect("ConfigMap");
+    let toml = config
+        .data
+        .unwrap_or_default()
+        .remove("synod.toml")
+        .unwrap_or_default();
+    assert!(toml.contains("max-message-size = 67108864"), "{toml}");
+    let connection = connect(pod_ip(0), &credentials)
+        .await
+        .expect("AMQP to hello-0");
+    let channel = connection.create_channel().await.expect("channel");
+    consume_expecting(&channel, "rolling", &report.confirmed, TIMEOUT).await;
+    connection.close(200, "done".into()).await.expect("close");
+    steps.done("step 5: configuration roll, every confirmed message consumed");
+    operator.assert_running();
+
+    // Step 6: a deleted pod comes back and rejoins.
+    let old_uid = pods.get("hello-1").await.expect("hello-1").uid();
+    kubectl_ok(
+        &env,
+        &[
+            "delete",
+            "pod",
+            "--namespace",
+            NAMESPACE,
+            "hello-1",
+            "--wait=false",
+        ],
+        None,
+    );
+    wait_for("hello-1 recreated and Ready", CONVERGE_TIMEOUT, || {
+        let (pods, old_uid) = (pods.clone(), old_uid.clone());
+        async move {
+            let pod = pods.get_opt("hello-1").await.ok()??;
+            (pod.uid() != old_uid && pod_serving(&pod)).then_some(())
+        }
+    })
+    .await;
+    let rejoined = Management::of(pod_ip(1), &credentials);
+    let (code, _) = rejoined.get("/api/cluster/ready").await;
+    assert_eq!(code, StatusCode::OK, "hello-1 is a caught-up member again");
+    wait_cluster_converged(&clusters, 3).await;
+    steps.done("step 6: deleted pod recreated and rejoined");
+
+    // Step 7: deleting a Queue deletes it on the broker; deleting the cluster
+    // takes every object it owns, and every finalizer is released.
+    kubectl_ok(
+        &env,
+        &[
+            "delete",
+            "queue",
+            "--namespace",
+            NAMESPACE,
+            "logs-archive",
+            "--timeout=60s",
+        ],
+        None,
+    );
+    wait_gone(&queues, "Queue", "logs-archive").await;
+    let (code, _) = management.get("/api/queues/%2F/logs.archive").await;
+    assert_eq!(
+        code,
+        StatusCode::NOT_FOUND,
+        "the queue is gone from the broker"
+    );
+    let (code, _) = management.get("/api/queues/%2F/logs.alerts").await;
+    assert_eq!(code, StatusCode::OK, "the other queue stays");
+    kubectl_ok(
+        &env,
+        &[
+            "delete",
+            "brokercluster",
+            "--namespace",
+            NAMESPACE,
+            CLUSTER,
+            "--wait=false",
+        ],
+        None,
+    );
+    wait_gone(&clusters, "BrokerCluster", CLUSTER).await;
+    wait_gone(&statefulsets, "StatefulSet", CLUSTER).await;
+    let services: Api<Service> = Api::namespaced(client.clone(), NAMESPACE);
+    wait_gone(&services, "Service", CLUSTER).await;
+    wait_gone(&services, "Service", "hello-nodes").await;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), NAMESPACE);
+    wait_gone(&secrets, "Secret", "hello-default-user").await;
+    wait_gone(&secrets, "Secret", "hello-cluster-secret").await;
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), NAMESPACE);
+    wait_gone(&config_maps, "ConfigMap", "hello-config").await;
+    let budgets: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), NAMESPACE);
+    wait_gone(&budgets, "PodDisruptionBudget", CLUSTER).await;
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), NAMESPACE);
+    wait_gone(&accounts, "ServiceAccount", CLUSTER).await;
+    wait_for("the broker pods gone", TIMEOUT, || {
+        let pods = pods.clone();
+        async move { broker_pods(&pods).await.is_empty().then_some(()) }
+    })
+    .await;
+    // Topology of a deleted cluster goes with the cluster's brokers: deleting
+    // it releases the finalizers without a broker to talk to. (`bindings`
+    // alone is the core API's pod Binding: users must name the group.)
+    kubectl_ok(
+        &env,
+        &[
+            "delete",
+            "exchanges.synod.dev,queues.synod.dev,bindings.synod.dev",
+            "--all",
+            "--namespace",
+            NAMESPACE,
+            "--wait=false",
+        ],
+        None,
+    );
+    for name in ["logs"] {
+        wait_gone(&exchanges, "Exchange", name).await;
+    }
+    for name in ["logs-alerts", "rolling"] {
+        wait_gone(&queues, "Queue", name).await;
+    }
+    for name in ["logs-to-archive", "logs-to-alerts"] {
+        wait_gone(&bindings, "Binding", name).await;
+    }
+    steps.done("step 7: queue and cluster deleted, owned objects collected, finalizers released");
+
+    // Step 8: invalid resources are refused with messages that say why.
+    let refused = |yaml: &str| {
+        kubectl(
+            &env,
+            &[
+                "apply",
+                "--server-side",
+                "--namespace",
+                NAMESPACE,
+                "-f",
+                "-",
+            ],
+            Some(yaml),
+        )
+        .expect_err("the API server refuses it")
+    };
+    let message = refused(
+        "apiVersion: synod.dev/v1alpha1\nkind: BrokerCluster\nmetadata:\n  name: negative\nspec:\n  replicas: -1\n",
+    );
+    assert!(
+        message.contains("spec.replicas") && message.contains("greater than or equal to 1"),
+        "{message}"
+    );
+    let message = refused(
+        "apiVersion: synod.dev/v1alpha1\nkind: Exchange\nmetadata:\n  name: odd\nspec:\n  clusterRef:\n    name: hello\n  name: odd\n  type: bogus\n",
+    );
+    assert!(
+        message.contains("spec.type") && message.contains(r#"Unsupported value: "bogus""#),
+        "{message}"
+    );
+    let message = refused(
+        "apiVersion: synod.dev/v1alpha1\nkind: BrokerCluster\nmetadata:\n  name: managed\nspec:\n  config:\n    peers: x=y:1\n",
+    );
+    assert!(
+        message.contains("config may not set keys the operator manages"),
+        "{message}"
+    );
+    let orphan = |name: &str| {
+        format!(
+            "apiVersion: synod.dev/v1alpha1\nkind: Queue\nmetadata:\n  name: orphan\nspec:\n  clusterRef:\n    name: nowhere\n  name: {name}\n  durable: true\n"
+        )
+    };
+    kubectl_ok(
+        &env,
+        &[
+            "apply",
+            "--server-side",
+            "--namespace",
+            NAMESPACE,
+            "-f",
+            "-",
+        ],
+        Some(&orphan("orphan")),
+    );
+    wait_topology(
+        &queues,
+        "orphan",
+        |o| o.status.as_ref(),
+        ("False", "ClusterNotFound"),
+    )
+    .await;
+    let message = refused(&orphan("renamed"));
+    assert!(message.contains("name is immutable"), "{message}");
+    kubectl_ok(
+        &env,
+        &[
+            "delete",
+            "queue",
+            "--namespace",
+            NAMESPACE,
+            "orphan",
+            "--timeout=60s",
+        ],
+        None,
+    );
+    steps.done("step 8: invalid resources refused, missing cluster reported");
 
     operator.assert_running();
     steps.summary();
