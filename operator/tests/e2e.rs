@@ -58,6 +58,10 @@ const ROLL_CONFIRMED_MIN: usize = 20;
 /// Pause between publishes of the roll's publisher: paces it to a few
 /// hundred messages per second so the backlog stays small.
 const ROLL_PUBLISH_PACE: Duration = Duration::from_millis(5);
+/// How often the node simulator runs probes: slower than the broker becomes
+/// ready, so Kubernetes' view of readiness lags the broker's as it does with
+/// a kubelet (whose readiness probe period here is 5 s).
+const READINESS_PROBE_INTERVAL: Duration = Duration::from_millis(1500);
 /// How often pod readiness is sampled during the roll.
 const READINESS_SAMPLE_INTERVAL: Duration = Duration::from_millis(100);
 /// Pod label selector of the cluster's brokers.
@@ -653,7 +657,18 @@ async fn a_user_runs_a_three_node_cluster_through_its_life() {
         "kube-controller-manager is needed (scripts/setup-k8s.sh builds it)"
     );
     let client = env.client();
-    let kubelet = Kubelet::start(&env).await.expect("start node simulator");
+    // Probes run at most every READINESS_PROBE_INTERVAL, so a restarted
+    // broker's pod turns Ready a while after the broker could answer, as
+    // with a real kubelet's probe period.
+    let kubelet = Kubelet::start_with(
+        &env,
+        support::kubelet::Options {
+            probe_interval: READINESS_PROBE_INTERVAL,
+            ..support::kubelet::Options::default()
+        },
+    )
+    .await
+    .expect("start node simulator");
     steps.done("setup: control plane and node simulator");
 
     // Step 1: CRDs and RBAC as a user installs them, the operator as its own process.
@@ -1028,6 +1043,7 @@ async fn a_user_runs_a_three_node_cluster_through_its_life() {
         None,
     );
     wait_gone(&queues, "Queue", "logs-archive").await;
+    steps.done("step 7: Queue deleted");
     let (code, _) = management.get("/api/queues/%2F/logs.archive").await;
     assert_eq!(
         code,
@@ -1049,6 +1065,7 @@ async fn a_user_runs_a_three_node_cluster_through_its_life() {
         None,
     );
     wait_gone(&clusters, "BrokerCluster", CLUSTER).await;
+    steps.done("step 7: BrokerCluster gone");
     wait_gone(&statefulsets, "StatefulSet", CLUSTER).await;
     let services: Api<Service> = Api::namespaced(client.clone(), NAMESPACE);
     wait_gone(&services, "Service", CLUSTER).await;
@@ -1067,6 +1084,7 @@ async fn a_user_runs_a_three_node_cluster_through_its_life() {
         async move { broker_pods(&pods).await.is_empty().then_some(()) }
     })
     .await;
+    steps.done("step 7: owned objects garbage-collected");
     // Topology of a deleted cluster goes with the cluster's brokers: deleting
     // it releases the finalizers without a broker to talk to. (`bindings`
     // alone is the core API's pod Binding: users must name the group.)
@@ -1091,7 +1109,7 @@ async fn a_user_runs_a_three_node_cluster_through_its_life() {
     for name in ["logs-to-archive", "logs-to-alerts"] {
         wait_gone(&bindings, "Binding", name).await;
     }
-    steps.done("step 7: queue and cluster deleted, owned objects collected, finalizers released");
+    steps.done("step 7: topology of the deleted cluster released");
 
     // Step 8: invalid resources are refused with messages that say why.
     let refused = |yaml: &str| {
