@@ -24,8 +24,8 @@ use synod_broker::mgmt::api::{ClusterStatus, MemberAdd, MemberRole};
 use tracing::{info, warn};
 
 use super::{
-    Context, Error, FINALIZER, apply_params, broker_pods, error_policy, event_type, object_key,
-    with_any_broker,
+    Context, Error, FINALIZER, apply_params, broker_pods, error_policy, event_type,
+    log_controller_error, object_key, with_any_broker,
 };
 use crate::conditions::{self, READY, condition};
 use crate::crd::broker_cluster::Endpoints;
@@ -69,7 +69,7 @@ pub async fn run(
     .run(reconcile, error_policy, ctx)
     .for_each(|result| async move {
         if let Err(err) = result {
-            warn!(kind = KIND, error = %err, "controller event");
+            log_controller_error(KIND, &err);
         }
     })
     .await;
