@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service, ServiceAccount};
+use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::ResourceExt;
 use kube::api::{Api, ListParams};
@@ -644,6 +646,24 @@ where
     .await;
 }
 
+/// How many events with `reason` the operator published about the cluster.
+async fn cluster_events(events: &Api<Event>, reason: &str) -> usize {
+    events
+        .list(&ListParams::default())
+        .await
+        .map(|list| {
+            list.items
+                .iter()
+                .filter(|event| {
+                    event.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(CLUSTER)
+                        && event.reason.as_deref() == Some(reason)
+                        && event.reporting_controller.as_deref() == Some("synod-operator")
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_runs_a_three_node_cluster_through_its_life() {
     // Goal: with the operator binary under its chart RBAC, a 3-replica cluster forms, serves declared topology to real clients, scales, rolls a config change one pod at a time without losing confirmed messages, recovers a deleted pod, cleans up after deletion, and invalid resources are refused with clear messages.
@@ -753,6 +773,17 @@ async fn a_user_runs_a_three_node_cluster_through_its_life() {
     );
     let mut operator =
         OperatorProcess::start(&identity.kubeconfig, env.dir().join("synod-operator.log"));
+    // Leader election works under the chart's role: the Lease names this process.
+    let leases: Api<Lease> = Api::namespaced(client.clone(), OPERATOR_NAMESPACE);
+    wait_for("the operator holds its Lease", TIMEOUT, || {
+        let leases = leases.clone();
+        async move {
+            let lease = leases.get_opt("synod-operator").await.ok()??;
+            (lease.spec?.holder_identity.as_deref() == Some("synod-operator-e2e")).then_some(())
+        }
+    })
+    .await;
+    operator.assert_running();
     steps.done("step 1: CRDs, RBAC, operator process");
 
     // Step 2: the example BrokerCluster (3 replicas).
@@ -902,6 +933,17 @@ async fn a_user_runs_a_three_node_cluster_through_its_life() {
         consume_expecting(&channel, "parked", &parked, TIMEOUT).await;
         connection.close(200, "done".into()).await.expect("close");
     }
+    // `kubectl describe` tells the story: events under the operator's name.
+    let events: Api<Event> = Api::namespaced(client.clone(), NAMESPACE);
+    wait_for("ScalingUp and ScaledDown events", TIMEOUT, || {
+        let events = events.clone();
+        async move {
+            (cluster_events(&events, "ScalingUp").await >= 1
+                && cluster_events(&events, "ScaledDown").await >= 1)
+                .then_some(())
+        }
+    })
+    .await;
     steps.done("step 4: scaled down to 3 members");
     operator.assert_running();
 
@@ -997,6 +1039,11 @@ async fn a_user_runs_a_three_node_cluster_through_its_life() {
     let channel = connection.create_channel().await.expect("channel");
     consume_expecting(&channel, "rolling", &report.confirmed, TIMEOUT).await;
     connection.close(200, "done".into()).await.expect("close");
+    wait_for("a RestartingPod event", TIMEOUT, || {
+        let events = events.clone();
+        async move { (cluster_events(&events, "RestartingPod").await >= 1).then_some(()) }
+    })
+    .await;
     steps.done("step 5: configuration roll, every confirmed message consumed");
     operator.assert_running();
 
