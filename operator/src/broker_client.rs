@@ -333,6 +333,7 @@ mod tests {
     use super::*;
     use axum::extract::Path;
     use axum::http::{HeaderMap, StatusCode as AxumStatus};
+    use axum::response::IntoResponse;
     use axum::routing::{get, put};
     use std::sync::{Arc, Mutex};
 
@@ -451,6 +452,43 @@ mod tests {
         assert_eq!(err.status(), Some(400));
         assert!(err.to_string().contains("inequivalent arg"), "{err}");
         assert!(!client.is_ready().await.expect("answered"));
+    }
+
+    #[tokio::test]
+    async fn member_removal_that_is_still_draining_is_accepted() {
+        // Goal: 202 (the node's queues are still moving) and 204 are success; 409 (node unreachable) is an error with the reason.
+        let router = axum::Router::new().route(
+            "/api/cluster/members/{node}",
+            axum::routing::delete(|Path(node): Path<String>| async move {
+                match node.as_str() {
+                    "draining" => (
+                        AxumStatus::ACCEPTED,
+                        axum::Json(serde_json::json!({
+                            "node": node, "draining": true, "queues_remaining": 3
+                        })),
+                    )
+                        .into_response(),
+                    "removed" => AxumStatus::NO_CONTENT.into_response(),
+                    _ => (
+                        AxumStatus::CONFLICT,
+                        axum::Json(serde_json::json!({
+                            "error": "conflict", "reason": "node gone is unreachable"
+                        })),
+                    )
+                        .into_response(),
+                }
+            }),
+        );
+        let base = serve(router).await;
+        let client = BrokerClient::new(reqwest::Client::new(), &base, "u", "p");
+        client
+            .remove_member("draining")
+            .await
+            .expect("202: removal under way");
+        client.remove_member("removed").await.expect("204: removed");
+        let err = client.remove_member("gone").await.expect_err("409");
+        assert_eq!(err.status(), Some(409));
+        assert!(err.to_string().contains("unreachable"), "{err}");
     }
 
     #[tokio::test]

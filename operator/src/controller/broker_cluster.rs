@@ -24,8 +24,8 @@ use synod_broker::mgmt::api::{ClusterStatus, MemberAdd, MemberRole};
 use tracing::{info, warn};
 
 use super::{
-    Context, Error, FINALIZER, apply_params, broker_pods, cluster_trust, error_policy, event_type,
-    object_key, with_any_broker,
+    BrokerPod, Context, Error, FINALIZER, apply_params, broker_pods, cluster_trust, error_policy,
+    event_type, log_controller_error, object_key, with_any_broker,
 };
 use crate::conditions::{self, READY, condition};
 use crate::crd::broker_cluster::Endpoints;
@@ -69,7 +69,7 @@ pub async fn run(
     .run(reconcile, error_policy, ctx)
     .for_each(|result| async move {
         if let Err(err) = result {
-            warn!(kind = KIND, error = %err, "controller event");
+            log_controller_error(KIND, &err);
         }
     })
     .await;
@@ -353,16 +353,7 @@ async fn apply_inner(cluster: &BrokerCluster, ctx: &Context) -> Result<Action, E
     // pod is back as a caught-up member (so the previous restart rejoined).
     let desired_hash = resources::restart_hash(cluster)?;
     if matches!(step, ScaleStep::Steady) {
-        let candidates: Vec<RestartCandidate> = pods
-            .iter()
-            .filter(|p| p.ordinal < sts_replicas)
-            .map(|p| RestartCandidate {
-                name: p.name.clone(),
-                ordinal: p.ordinal,
-                ready: broker_ready.contains(&p.ordinal) && !p.terminating,
-                outdated: p.restart_hash.as_deref() != Some(desired_hash.as_str()),
-            })
-            .collect();
+        let candidates = restart_candidates(&pods, sts_replicas, &broker_ready, &desired_hash);
         let leader = membership.as_ref().and_then(|m| m.leader.clone());
         match pick_restart(&candidates, sts_replicas, leader.as_deref()) {
             RestartDecision::Restart(name) => {
@@ -597,10 +588,33 @@ pub struct RestartCandidate {
     pub name: String,
     /// Ordinal.
     pub ordinal: i32,
-    /// The broker answers `/api/cluster/ready` and the pod is not terminating.
+    /// The broker answers `/api/cluster/ready`, Kubernetes reports the pod
+    /// Ready, and it is not terminating.
     pub ready: bool,
     /// Its restart hash differs from the desired one.
     pub outdated: bool,
+}
+
+/// The pods below `replicas` as restart candidates. A pod counts as ready
+/// only when its broker answers `/api/cluster/ready` (it rejoined) AND
+/// Kubernetes reports it Ready: the kubelet's probe lags the broker by up to
+/// a probe period, and until it passes, Services and the disruption budget
+/// count the pod as down, so restarting the next one would take two away.
+pub fn restart_candidates(
+    pods: &[BrokerPod],
+    replicas: i32,
+    broker_ready: &BTreeSet<i32>,
+    desired_hash: &str,
+) -> Vec<RestartCandidate> {
+    pods.iter()
+        .filter(|p| p.ordinal < replicas)
+        .map(|p| RestartCandidate {
+            name: p.name.clone(),
+            ordinal: p.ordinal,
+            ready: broker_ready.contains(&p.ordinal) && p.ready && !p.terminating,
+            outdated: p.restart_hash.as_deref() != Some(desired_hash),
+        })
+        .collect()
 }
 
 /// What the rolling restart does now.
@@ -886,6 +900,7 @@ mod tests {
             role,
             alive,
             lag: 0,
+            draining: false,
         }
     }
 
@@ -1062,6 +1077,51 @@ mod tests {
         );
         let current = [candidate(0, true, false), candidate(1, false, false)];
         assert_eq!(pick_restart(&current, 2, None), RestartDecision::UpToDate);
+    }
+
+    fn broker_pod(ordinal: i32, pod_ready: bool, hash: &str) -> BrokerPod {
+        BrokerPod {
+            name: format!("rabbit-{ordinal}"),
+            ordinal,
+            ready: pod_ready,
+            restart_hash: Some(hash.to_string()),
+            terminating: false,
+            url: Some(format!("http://127.0.0.{}:15672", ordinal + 2)),
+            address: None,
+            peer_address: None,
+        }
+    }
+
+    #[test]
+    fn a_restarted_pod_counts_only_once_kubernetes_sees_it_ready() {
+        // Goal: a broker that rejoined but whose pod is not Ready yet holds the roll back.
+        let pods = [
+            broker_pod(0, true, "old"),
+            broker_pod(1, true, "old"),
+            broker_pod(2, false, "new"),
+        ];
+        let broker_ready = BTreeSet::from([0, 1, 2]);
+        let candidates = restart_candidates(&pods, 3, &broker_ready, "new");
+        assert_eq!(
+            pick_restart(&candidates, 3, Some("rabbit-0")),
+            RestartDecision::Wait(2)
+        );
+        let pods = [
+            broker_pod(0, true, "old"),
+            broker_pod(1, true, "old"),
+            broker_pod(2, true, "new"),
+        ];
+        let candidates = restart_candidates(&pods, 3, &broker_ready, "new");
+        assert_eq!(
+            pick_restart(&candidates, 3, Some("rabbit-0")),
+            RestartDecision::Restart("rabbit-1".into())
+        );
+        // And a Ready pod whose broker does not answer is not ready either.
+        let candidates = restart_candidates(&pods, 3, &BTreeSet::from([0, 2]), "new");
+        assert_eq!(
+            pick_restart(&candidates, 3, Some("rabbit-0")),
+            RestartDecision::Wait(2)
+        );
     }
 
     #[test]

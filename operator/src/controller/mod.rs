@@ -13,7 +13,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Client, Resource, ResourceExt};
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::broker_client::{self, BrokerClient};
 use crate::crd::BrokerCluster;
@@ -527,6 +527,23 @@ where
     match last_error {
         Some(err) => Err(err.into()),
         None => Err(Error::NoBrokerReachable(cluster.name_any())),
+    }
+}
+
+/// Logs what a controller's stream reports. A reconcile scheduled for an
+/// object that is already gone is expected (the owned objects of a deleted
+/// cluster change while they are collected) and only logged at debug level,
+/// so that a deletion does not look like a string of failures.
+pub(crate) fn log_controller_error<R, Q>(kind: &str, err: &kube::runtime::controller::Error<R, Q>)
+where
+    R: std::error::Error + 'static,
+    Q: std::error::Error + 'static,
+{
+    match err {
+        kube::runtime::controller::Error::ObjectNotFound(object) => {
+            debug!(kind, object = %object, "event for an object that is already deleted");
+        }
+        _ => warn!(kind, error = %err, "controller event"),
     }
 }
 

@@ -17,11 +17,10 @@ use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tracing::warn;
 
 use super::{
     Context, Error, FINALIZER, apply_params, cluster_credentials, error_policy, event_type,
-    object_key, with_any_broker,
+    log_controller_error, object_key, with_any_broker,
 };
 use crate::broker_client::{self, BrokerClient};
 use crate::conditions::{self, READY, condition};
@@ -101,7 +100,7 @@ pub(crate) async fn run<K: Topology>(
         .run(reconcile::<K>, error_policy, ctx)
         .for_each(|result| async move {
             if let Err(err) = result {
-                warn!(kind = K::KIND, error = %err, "controller event");
+                log_controller_error(K::KIND, &err);
             }
         })
         .await;
