@@ -507,8 +507,10 @@ async fn dial(inner: &Inner, addr: &str) -> Result<ClusterStream, Error> {
                         std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
                     ) =>
             {
+                // A TLS listener hangs up at once on a plain hello; so
+                // would one over its connection bound, hence "likely".
                 return Err(Error::TlsMismatch(
-                    "the peer hung up on the hello: it requires cluster TLS, \
+                    "the peer hung up on the hello: it likely requires cluster TLS, \
                      which is off on this node",
                 ));
             }
