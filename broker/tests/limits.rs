@@ -560,6 +560,14 @@ async fn a_disk_free_limit_above_the_free_space_blocks_publishers_until_lowered(
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(body["status"], "failed");
     assert_eq!(body["alarms"], json!(["disk"]));
+    let (_, nodes) = h.get("/api/nodes").await;
+    assert_eq!(nodes[0]["disk_free_limit"], json!(total));
+    assert_eq!(nodes[0]["disk_free_alarm"], json!(true));
+    assert!(
+        nodes[0]["disk_free"]
+            .as_u64()
+            .is_some_and(|free| free < total)
+    );
     assert!(
         h.metrics()
             .await

@@ -493,6 +493,12 @@ pub struct NodeInfo {
     /// Whether the disk alarm is raised.
     #[serde(default)]
     pub disk_free_alarm: bool,
+    /// `--disk-free-limit` in force, in bytes.
+    #[serde(default)]
+    pub disk_free_limit: u64,
+    /// Free bytes on the data directory's file system (0 when unreadable).
+    #[serde(default)]
+    pub disk_free: u64,
     /// Milliseconds since the node started.
     #[serde(default)]
     pub uptime: u64,
