@@ -749,6 +749,25 @@ mod tests {
             MemoryWatermark::Absolute { bytes: 2 << 30 }
         );
         assert_eq!(set.disk_free_limit_bytes, 1_000_000_000);
+        let dir = std::env::temp_dir().join(format!("synod-limits-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("synod.toml");
+        std::fs::write(
+            &path,
+            "max-queues = 7\nmax-connections = 9\ndisk-free-limit = \"2GB\"\nmemory-high-watermark = \"0.5\"\n",
+        )
+        .expect("write config");
+        let from_file = config(&["--config", path.to_str().expect("utf-8 path")]).expect("valid");
+        assert_eq!(from_file.max_queues, Some(7));
+        assert_eq!(from_file.max_connections, 9);
+        assert_eq!(from_file.disk_free_limit_bytes, 2_000_000_000);
+        assert_eq!(
+            from_file.memory_high_watermark,
+            MemoryWatermark::Relative {
+                millionths: 500_000
+            }
+        );
+        std::fs::remove_dir_all(&dir).ok();
         let relative = config(&["--memory-high-watermark", "0.25"]).expect("valid");
         assert_eq!(
             relative.memory_high_watermark,

@@ -23,7 +23,8 @@ pub struct Metrics {
     pub alarms: IntGaugeVec,
     /// The `memory` series of `alarms`.
     pub memory_alarm: IntGauge,
-    /// The `disk` series of `alarms` (no disk monitor yet: stays 0).
+    /// The `disk` series of `alarms` (free space below `--disk-free-limit`,
+    /// or a write hit a full disk).
     pub disk_alarm: IntGauge,
     /// Open AMQP connections.
     pub connections: IntGauge,
@@ -55,7 +56,9 @@ pub struct Metrics {
     pub messages_unroutable_returned_total: IntCounter,
     /// Failed authentication attempts.
     pub auth_failures_total: IntCounter,
-    /// AMQP and AMQPS sockets closed at accept because the connection limit was reached.
+    /// AMQP and AMQPS connections over `--max-connections`: refused with
+    /// 530 at `connection.open`, or closed at accept when too many are
+    /// being refused at once.
     pub connections_refused_total: IntCounter,
     /// Successful reloads of changed TLS certificate, key or CA files.
     pub tls_reloads_total: IntCounter,
@@ -226,7 +229,7 @@ impl Metrics {
             ),
             connections_refused_total: counter(
                 "synod_connections_refused_total",
-                "AMQP and AMQPS sockets closed at accept because the connection limit was reached",
+                "AMQP and AMQPS connections refused because the node's connection limit was reached",
             ),
             tls_reloads_total: counter(
                 "synod_tls_reloads_total",

@@ -560,6 +560,14 @@ async fn a_disk_free_limit_above_the_free_space_blocks_publishers_until_lowered(
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(body["status"], "failed");
     assert_eq!(body["alarms"], json!(["disk"]));
+    let (_, nodes) = h.get("/api/nodes").await;
+    assert_eq!(nodes[0]["disk_free_limit"], json!(total));
+    assert_eq!(nodes[0]["disk_free_alarm"], json!(true));
+    assert!(
+        nodes[0]["disk_free"]
+            .as_u64()
+            .is_some_and(|free| free < total)
+    );
     assert!(
         h.metrics()
             .await
@@ -646,4 +654,57 @@ async fn a_tiny_memory_watermark_blocks_publishers_while_consumers_drain() {
     assert_eq!(delivery.data, b"small");
     assert_eq!(h.get("/api/health/checks/alarms").await.0, StatusCode::OK);
     h.stop().await;
+}
+
+#[tokio::test]
+async fn limits_survive_a_restart_and_travel_in_definitions() {
+    // Goal: user and vhost limits set through the API are in GET /api/definitions (users[].limits, vhost-limits parameters), survive a restart of a durable broker, and a definitions import sets them on another broker.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let h = Harness::start_durable(dir.path(), &[]).await;
+    assert_eq!(
+        h.put("/api/user-limits/guest/max-channels", json!({"value": 64}))
+            .await,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        h.put("/api/vhost-limits/%2f/max-queues", json!({"value": 10}))
+            .await,
+        StatusCode::NO_CONTENT
+    );
+    let (_, definitions) = h.get("/api/definitions").await;
+    assert_eq!(
+        definitions["users"][0]["limits"],
+        json!({"max-channels": 64})
+    );
+    assert_eq!(
+        definitions["parameters"],
+        json!([{"vhost": "/", "component": "vhost-limits", "name": "limits",
+                "value": {"max-queues": 10}}])
+    );
+    h.stop().await;
+    let h = Harness::start_durable(dir.path(), &[]).await;
+    assert_eq!(
+        h.get("/api/user-limits").await.1,
+        json!([{"user": "guest", "value": {"max-channels": 64}}])
+    );
+    assert_eq!(
+        h.get("/api/vhost-limits/%2f").await.1,
+        json!([{"vhost": "/", "value": {"max-queues": 10}}])
+    );
+    h.stop().await;
+
+    let other = Harness::start(&[], |_| {}).await;
+    let (status, answer) = other
+        .call(Method::POST, "/api/definitions", Some(definitions))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(
+        other.get("/api/vhost-limits").await.1,
+        json!([{"vhost": "/", "value": {"max-queues": 10}}])
+    );
+    assert_eq!(
+        other.get("/api/user-limits/guest").await.1,
+        json!([{"user": "guest", "value": {"max-channels": 64}}])
+    );
+    other.stop().await;
 }

@@ -509,6 +509,12 @@ pub struct NodeInfo {
     /// Whether the disk alarm is raised.
     #[serde(default)]
     pub disk_free_alarm: bool,
+    /// `--disk-free-limit` in force, in bytes.
+    #[serde(default)]
+    pub disk_free_limit: u64,
+    /// Free bytes on the data directory's file system (0 when unreadable).
+    #[serde(default)]
+    pub disk_free: u64,
     /// Milliseconds since the node started.
     #[serde(default)]
     pub uptime: u64,
@@ -606,6 +612,26 @@ pub struct DefinitionsUser {
     /// Tags (a list, or a comma-separated string in older exports).
     #[serde(default, deserialize_with = "tags_as_list")]
     pub tags: Vec<String>,
+    /// The user's limits (`max-connections`, `max-channels`), as RabbitMQ
+    /// exports them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub limits: BTreeMap<String, i64>,
+}
+
+/// A runtime parameter in a definitions document. Synod imports and
+/// exports only component `vhost-limits` (name `limits`), where RabbitMQ
+/// keeps vhost limits: `{"vhost": "/", "component": "vhost-limits",
+/// "name": "limits", "value": {"max-queues": 10}}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DefinitionsParameter {
+    /// Virtual host.
+    pub vhost: String,
+    /// Plugin or feature the parameter belongs to.
+    pub component: String,
+    /// Parameter name.
+    pub name: String,
+    /// Parameter value.
+    pub value: serde_json::Value,
 }
 
 /// A vhost in a definitions document.
@@ -689,6 +715,9 @@ pub struct Definitions {
     /// Bindings.
     #[serde(default)]
     pub bindings: Vec<DefinitionsBinding>,
+    /// Runtime parameters; only vhost limits are imported.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parameters: Vec<DefinitionsParameter>,
     /// Every other top-level key, not imported.
     #[serde(flatten)]
     pub other: BTreeMap<String, serde_json::Value>,

@@ -1,7 +1,8 @@
 //! `GET|POST /api/definitions`: export and import of RabbitMQ's definitions
-//! format (vhosts, users with password hashes, permissions, exchanges,
-//! queues, bindings). Sections Synod does not implement are ignored and
-//! named in the answer. Administrator only.
+//! format (vhosts, users with password hashes and limits, permissions,
+//! exchanges, queues, bindings, vhost limits as `vhost-limits` parameters).
+//! Sections Synod does not implement are ignored and named in the answer.
+//! Administrator only.
 //! Must not: apply anything except through `Broker::execute`.
 
 use std::collections::BTreeMap;
@@ -11,11 +12,11 @@ use axum::routing::get;
 use axum::{Json, Router};
 
 use crate::exchange::{Binding, Destination};
-use crate::meta::{Command, ExchangeDef, QueueDef};
+use crate::meta::{Command, ExchangeDef, QueueDef, UserLimit, VhostLimit};
 use crate::mgmt::access::{HASHING_ALGORITHM, check_password_hash};
 use crate::mgmt::api::{
-    Definitions, DefinitionsBinding, DefinitionsImported, DefinitionsQueue, DefinitionsUser,
-    DefinitionsVhost, DestinationType, ExchangeInfo, PermissionInfo,
+    Definitions, DefinitionsBinding, DefinitionsImported, DefinitionsParameter, DefinitionsQueue,
+    DefinitionsUser, DefinitionsVhost, DestinationType, ExchangeInfo, PermissionInfo,
 };
 use crate::mgmt::auth::Caller;
 use crate::mgmt::convert::{arguments_to_table, table_to_arguments};
@@ -29,14 +30,28 @@ pub(super) fn routes() -> Router<AppState> {
 async fn export(State(state): State<AppState>, caller: Caller) -> Result<Json<Definitions>, Error> {
     caller.require_administrator()?;
     let broker = &state.broker;
+    let mut user_limits = broker.list_user_limits();
     let users = broker
         .list_users()
         .into_iter()
         .map(|u| DefinitionsUser {
+            limits: limit_values(user_limits.remove(&u.name).unwrap_or_default(), |l| {
+                l.name()
+            }),
             name: u.name,
             password_hash: u.password_hash,
             hashing_algorithm: Some(HASHING_ALGORITHM.into()),
             tags: u.tags,
+        })
+        .collect();
+    let parameters = broker
+        .list_vhost_limits()
+        .into_iter()
+        .map(|(vhost, limits)| DefinitionsParameter {
+            vhost,
+            component: VHOST_LIMITS_COMPONENT.into(),
+            name: "limits".into(),
+            value: serde_json::json!(limit_values(limits, |l| l.name())),
         })
         .collect();
     let vhosts = broker
@@ -110,8 +125,39 @@ async fn export(State(state): State<AppState>, caller: Caller) -> Result<Json<De
         exchanges,
         queues,
         bindings,
+        parameters,
         other: BTreeMap::new(),
     }))
+}
+
+/// The runtime-parameter component RabbitMQ keeps vhost limits in.
+const VHOST_LIMITS_COMPONENT: &str = "vhost-limits";
+
+/// Limits by their management API names, as RabbitMQ exports them.
+fn limit_values<L>(
+    limits: BTreeMap<L, u64>,
+    name: impl Fn(L) -> &'static str,
+) -> BTreeMap<String, i64> {
+    limits
+        .into_iter()
+        .map(|(limit, value)| {
+            (
+                name(limit).to_string(),
+                i64::try_from(value).unwrap_or(i64::MAX),
+            )
+        })
+        .collect()
+}
+
+/// A limit's bound from a definitions value: a negative one means none
+/// (RabbitMQ's reading); anything but an integer is refused.
+fn limit_bound(name: &str, value: &serde_json::Value) -> Result<Option<u64>, Error> {
+    match value.as_i64() {
+        Some(n) => Ok(u64::try_from(n).ok()),
+        None => Err(Error::BadRequest(format!(
+            "limit '{name}': {value} is not an integer"
+        ))),
+    }
 }
 
 /// Names the definitions entry an error came from, so the client can find it.
@@ -134,7 +180,8 @@ async fn import(
         exchanges,
         queues,
         bindings,
-        other,
+        parameters,
+        mut other,
         ..
     } = definitions;
     // Check what can be checked up front, so that a bad hash or argument
@@ -145,6 +192,55 @@ async fn import(
             i,
             format!("user '{}'", user.name),
         ))?;
+    }
+    let mut limit_commands = Vec::new();
+    for (i, user) in users.iter().enumerate() {
+        let what = format!("user '{}'", user.name);
+        for (name, value) in &user.limits {
+            let command = UserLimit::parse(name)
+                .map(|limit| Command::SetUserLimit {
+                    user: user.name.clone(),
+                    limit,
+                    // A negative bound means none, as RabbitMQ reads it.
+                    value: u64::try_from(*value).ok(),
+                })
+                .ok_or_else(|| Error::BadRequest(format!("'{name}' is not a user limit")));
+            limit_commands.push((what.clone(), command.map_err(at("users", i, what.clone()))?));
+        }
+    }
+    let mut ignored_parameters = Vec::new();
+    for (i, parameter) in parameters.into_iter().enumerate() {
+        if parameter.component != VHOST_LIMITS_COMPONENT {
+            ignored_parameters.push(serde_json::json!(parameter));
+            continue;
+        }
+        let what = format!("limits of vhost '{}'", parameter.vhost);
+        let Some(values) = parameter.value.as_object() else {
+            return Err(at("parameters", i, what)(Error::BadRequest(
+                "value: not an object of limits".into(),
+            )));
+        };
+        for (name, value) in values {
+            let limit = VhostLimit::parse(name)
+                .ok_or_else(|| Error::BadRequest(format!("'{name}' is not a vhost limit")));
+            let command = limit.and_then(|limit| {
+                Ok(Command::SetVhostLimit {
+                    vhost: parameter.vhost.clone(),
+                    limit,
+                    value: limit_bound(name, value)?,
+                })
+            });
+            limit_commands.push((
+                what.clone(),
+                command.map_err(at("parameters", i, what.clone()))?,
+            ));
+        }
+    }
+    if !ignored_parameters.is_empty() {
+        other.insert(
+            "parameters".into(),
+            serde_json::Value::Array(ignored_parameters),
+        );
     }
     let mut exchange_commands = Vec::new();
     for (i, e) in exchanges.iter().enumerate() {
@@ -262,6 +358,9 @@ async fn import(
     sections.push(("exchanges", exchange_commands));
     sections.push(("queues", queue_commands));
     sections.push(("bindings", binding_commands));
+    // Last, as in a snapshot: a queue limit must not refuse the queues
+    // the same document declares.
+    sections.push(("limits", limit_commands));
 
     let mut imported = BTreeMap::new();
     for (section, commands) in sections {

@@ -96,6 +96,8 @@ fn this_node(state: &AppState) -> NodeInfo {
         mem_limit: broker.memory_high_watermark_bytes(),
         mem_alarm: broker.metrics.memory_alarm.get() == 1,
         disk_free_alarm: broker.metrics.disk_alarm.get() == 1,
+        disk_free_limit: broker.disk_free_limit_bytes(),
+        disk_free: crate::resources::disk_free_bytes(&broker.settings.data_dir).unwrap_or(0),
         uptime: u64::try_from(state.started.elapsed().as_millis()).unwrap_or(u64::MAX),
     }
 }
