@@ -238,7 +238,7 @@ pub struct Broker {
     /// Data links to the home nodes of queues homed elsewhere.
     links: OnceLock<Arc<crate::cluster::forward::Links>>,
     /// Woken when this node is marked draining (see `drain::supervise`).
-    drain_wakeup: tokio::sync::Notify,
+    drain_wakeup: Arc<tokio::sync::Notify>,
 }
 
 /// Where a queue lives, as this node sees it.
@@ -310,7 +310,7 @@ impl Broker {
             cluster: OnceLock::new(),
             replication: OnceLock::new(),
             links: OnceLock::new(),
-            drain_wakeup: tokio::sync::Notify::new(),
+            drain_wakeup: Arc::new(tokio::sync::Notify::new()),
         };
         for command in bootstrap_commands(&broker.settings) {
             broker
@@ -524,10 +524,10 @@ impl Broker {
         out
     }
 
-    /// Resolves when this node has been marked draining since the last call
-    /// (or at once, the first time, when it already is).
-    pub async fn drain_requested(&self) {
-        self.drain_wakeup.notified().await;
+    /// Notified whenever this node is marked draining (a permit is kept
+    /// when nobody waits yet).
+    pub fn drain_wakeup(&self) -> Arc<tokio::sync::Notify> {
+        self.drain_wakeup.clone()
     }
 
     /// Whether `node` is this node or a member of its cluster.
