@@ -293,7 +293,7 @@ pub struct Broker {
     /// Data links to the home nodes of queues homed elsewhere.
     links: OnceLock<Arc<crate::cluster::forward::Links>>,
     /// Woken when this node is marked draining (see `drain::supervise`).
-    drain_wakeup: tokio::sync::Notify,
+    drain_wakeup: Arc<tokio::sync::Notify>,
 }
 
 /// Where a queue lives, as this node sees it.
@@ -371,7 +371,7 @@ impl Broker {
             cluster: OnceLock::new(),
             replication: OnceLock::new(),
             links: OnceLock::new(),
-            drain_wakeup: tokio::sync::Notify::new(),
+            drain_wakeup: Arc::new(tokio::sync::Notify::new()),
         };
         for command in bootstrap_commands(&broker.settings) {
             broker
@@ -613,10 +613,10 @@ impl Broker {
         out
     }
 
-    /// Resolves when this node has been marked draining since the last call
-    /// (or at once, the first time, when it already is).
-    pub async fn drain_requested(&self) {
-        self.drain_wakeup.notified().await;
+    /// Notified whenever this node is marked draining (a permit is kept
+    /// when nobody waits yet).
+    pub fn drain_wakeup(&self) -> Arc<tokio::sync::Notify> {
+        self.drain_wakeup.clone()
     }
 
     /// Whether `node` is this node or a member of its cluster.
@@ -1598,6 +1598,72 @@ mod tests {
             arguments,
             home_node: "test@node".into(),
         }
+    }
+
+    #[test]
+    fn a_queue_moving_here_is_staged_then_adopted_and_one_moving_away_is_detached() {
+        // Goal: a targeted publish for a queue homed elsewhere is staged
+        // (not routed to, not listed as local) until MoveQueue makes this
+        // node its home, which adopts the staged messages; a queue moving
+        // away is removed from the runtime queues and its consumers lose it;
+        // once draining, publishes for queues homed elsewhere are listed for
+        // forwarding instead of staged.
+        let broker = broker();
+        let mut def = queue_def("q", FieldTable::default());
+        def.home_node = "old@node".into();
+        broker
+            .execute(Command::DeclareQueue {
+                vhost: "/".into(),
+                queue: def,
+            })
+            .expect("declare");
+        assert!(broker.queue("/", "q").is_none());
+        let message = Arc::new(Message::with_properties(
+            "".into(),
+            "q".into(),
+            &Default::default(),
+            bytes::Bytes::from_static(b"copied"),
+        ));
+        let mut remote = Vec::new();
+        let published = broker.publish_to_queues(
+            "/",
+            message.clone(),
+            &["q".into()],
+            &mut remote,
+            &mut Vec::new(),
+        );
+        assert_eq!(published.n_queues, 1);
+        assert!(remote.is_empty());
+        assert!(broker.queue("/", "q").is_none(), "staged, not yet home");
+        broker
+            .execute(Command::MoveQueue {
+                vhost: "/".into(),
+                name: "q".into(),
+                home: "test@node".into(),
+            })
+            .expect("move here");
+        let queue = broker.queue("/", "q").expect("adopted");
+        assert_eq!(queue.counts().ready, 1);
+
+        broker
+            .execute(Command::SetDraining {
+                node: "test@node".into(),
+                draining: true,
+            })
+            .expect("drain");
+        broker
+            .execute(Command::MoveQueue {
+                vhost: "/".into(),
+                name: "q".into(),
+                home: "new@node".into(),
+            })
+            .expect("move away");
+        assert!(broker.queue("/", "q").is_none(), "detached");
+        assert_eq!(queue.counts().ready, 1, "kept for the drain to copy");
+        let published =
+            broker.publish_to_queues("/", message, &["q".into()], &mut remote, &mut Vec::new());
+        assert_eq!(published.n_queues, 0);
+        assert_eq!(remote, [("new@node".to_string(), "q".to_string())]);
     }
 
     #[test]

@@ -24,7 +24,16 @@
 //! ([`serve_internal`]): an internal connection, already authenticated by
 //! the cluster handshake, with full permissions in its vhost; only it may
 //! send *targeted* publishes (`immediate = true`, body prefixed with the
-//! target queues), which it enqueues on exactly those queues.
+//! target queues), which it enqueues on exactly those queues. A target on
+//! the move (see `drain`) is staged on the node it is moving to, and
+//! forwarded by the draining node it left to its new home; the confirm
+//! then waits for that home too.
+//!
+//! While this node is draining it keeps serving clients: queues declared
+//! here are homed on other nodes, and consumers of a queue that moved get
+//! `basic.cancel` (consumer-cancel-notify) and consume again from its new
+//! home; exclusive queues stay until their connections close, which the
+//! drain asks for once everything else has moved.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

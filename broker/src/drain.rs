@@ -68,26 +68,52 @@ pub enum Error {
 }
 
 /// Runs for the life of a cluster member: drains this node whenever it is
-/// marked draining (at startup too, when its log says so).
+/// marked draining (at startup too, when its log says so). Holds the
+/// broker only while draining, so a stopped broker is dropped (and its
+/// data directory unlocked) even when this task has not noticed yet.
 pub async fn supervise(broker: Arc<Broker>) {
     let me = broker.settings.node_name.clone();
+    let wakeup = broker.drain_wakeup();
+    let Some(mut shutdown) = broker.cluster().map(|c| c.transport().shutdown_signal()) else {
+        return;
+    };
+    let weak = Arc::downgrade(&broker);
+    drop(broker);
     loop {
-        if broker.is_draining(&me) {
-            run(&broker).await;
+        {
+            let Some(broker) = weak.upgrade() else {
+                return;
+            };
+            if broker.is_draining(&me) {
+                run(&broker, &shutdown).await;
+            }
         }
-        broker.drain_requested().await;
+        tokio::select! {
+            _ = wakeup.notified() => {}
+            changed = shutdown.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+        }
+        if *shutdown.borrow() {
+            return;
+        }
     }
 }
 
 /// Moves every movable queue homed here away, then removes this node from
 /// the configuration. Returns when done, when the mark is cleared, or when
 /// this node is no longer a member.
-async fn run(broker: &Arc<Broker>) {
+async fn run(broker: &Arc<Broker>, shutdown: &tokio::sync::watch::Receiver<bool>) {
     let me = broker.settings.node_name.clone();
     let retry = Duration::from_millis(DRAIN_RETRY_DELAY_MS);
     let mut targets: HashMap<(String, String), String> = HashMap::new();
     tracing::info!(node = %me, "draining: moving this node's queues to other nodes");
     loop {
+        if *shutdown.borrow() {
+            return;
+        }
         if !broker.is_draining(&me) {
             tracing::info!("drain cancelled: this node is no longer marked draining");
             return;
@@ -276,6 +302,7 @@ impl Copier {
         settle_by: Option<Instant>,
     ) -> Result<(), Error> {
         let confirm_timeout = Duration::from_millis(DRAIN_CONFIRM_TIMEOUT_MS);
+        let mut quiet_seen = false;
         loop {
             let mut full = false;
             while self.in_flight.len() < DRAIN_IN_FLIGHT_MAX && !full {
@@ -297,6 +324,14 @@ impl Copier {
                 match settle_by {
                     Some(deadline) if counts.unacked > 0 && Instant::now() < deadline => {
                         // Consumers still hold deliveries: look again soon.
+                        tokio::time::sleep(Duration::from_millis(DRAIN_RETRY_DELAY_MS)).await;
+                        continue;
+                    }
+                    Some(_) if !quiet_seen => {
+                        // A publish that picked this queue just before the
+                        // move may still be adding to it: look once more
+                        // after a pause before the queue is dropped.
+                        quiet_seen = true;
                         tokio::time::sleep(Duration::from_millis(DRAIN_RETRY_DELAY_MS)).await;
                         continue;
                     }

@@ -1273,6 +1273,73 @@ mod tests {
     }
 
     #[test]
+    fn moving_a_queue_keeps_its_definition_and_bindings_and_draining_survives_snapshots() {
+        // Goal: MoveQueue changes only the home (bindings, arguments stay),
+        // refuses exclusive and missing queues; SetDraining is listed in the
+        // commands that rebuild the metadata, and both are no-ops when repeated.
+        let mut meta = setup();
+        meta.apply(Command::DeclareQueue {
+            vhost: "/".into(),
+            queue: queue("q"),
+        })
+        .expect("declare q");
+        let mut exclusive = queue("mine");
+        exclusive.exclusive_owner = Some("conn".into());
+        meta.apply(Command::DeclareQueue {
+            vhost: "/".into(),
+            queue: exclusive,
+        })
+        .expect("declare mine");
+        meta.apply(bind("amq.direct", Destination::Queue("q".into()), "k"))
+            .expect("bind");
+        let move_q = Command::MoveQueue {
+            vhost: "/".into(),
+            name: "q".into(),
+            home: "other".into(),
+        };
+        assert!(!meta.is_noop(&move_q));
+        assert!(meta.apply(move_q.clone()).expect("move").created);
+        assert!(meta.is_noop(&move_q));
+        assert_eq!(meta.vhosts["/"].queues["q"].home_node, "other");
+        assert_eq!(routed(&meta, "amq.direct", "k"), ["q"]);
+        let err = meta
+            .apply(Command::MoveQueue {
+                vhost: "/".into(),
+                name: "mine".into(),
+                home: "other".into(),
+            })
+            .expect_err("exclusive");
+        assert_eq!(err.reply_code(), 406);
+        let err = meta
+            .apply(Command::MoveQueue {
+                vhost: "/".into(),
+                name: "missing".into(),
+                home: "other".into(),
+            })
+            .expect_err("missing");
+        assert_eq!(err.reply_code(), 404);
+
+        let drain = Command::SetDraining {
+            node: "n".into(),
+            draining: true,
+        };
+        assert!(meta.apply(drain.clone()).expect("drain").created);
+        assert!(meta.is_noop(&drain) && meta.is_draining("n"));
+        let mut rebuilt = Metadata::default();
+        for command in meta.commands_where(|_| true, |_| true) {
+            rebuilt.apply(command).expect("rebuilds");
+        }
+        assert!(rebuilt.is_draining("n"));
+        assert_eq!(rebuilt.vhosts["/"].queues["q"].home_node, "other");
+        meta.apply(Command::SetDraining {
+            node: "n".into(),
+            draining: false,
+        })
+        .expect("undrain");
+        assert!(!meta.is_draining("n"));
+    }
+
+    #[test]
     fn commands_serialize_for_the_log() {
         // Goal: a command survives a JSON round trip unchanged.
         let command = bind("amq.topic", Destination::Queue("q".into()), "a.#");

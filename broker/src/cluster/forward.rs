@@ -50,7 +50,13 @@
 //!   remote queue (the deletion is a metadata change), and the management
 //!   API's queue counts (each node lists the queues homed on it).
 //! - a link has no heartbeat: a home node that vanishes without closing
-//!   its sockets is noticed only when TCP gives up.
+//!   its sockets is noticed only when TCP gives up;
+//! - when a queue's home node is drained (`DELETE /api/cluster/members/{node}`,
+//!   see `drain`), its consumers, relayed ones included, get `basic.cancel`
+//!   once the move is decided and consume again from the new home; a
+//!   publish that reaches the old home after the move (sent by a node that
+//!   had not applied it yet) is forwarded by the old home to the new one,
+//!   and its confirm waits for the new home's.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};

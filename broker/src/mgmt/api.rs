@@ -410,10 +410,35 @@ pub struct ClusterMember {
     pub alive: bool,
     /// How many decided entries this member is behind the answering node.
     pub lag: u64,
+}
+
+/// A member as `GET /api/cluster` shows it: [`ClusterMember`] plus its
+/// drain state (kept apart so that clients built against the older shape
+/// still construct and read `ClusterMember`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterMemberView {
+    /// The member.
+    #[serde(flatten)]
+    pub member: ClusterMember,
     /// Whether the member is moving its queues away before it leaves
     /// (`DELETE /api/cluster/members/{node}`).
     #[serde(default)]
     pub draining: bool,
+}
+
+/// `GET /api/cluster` as served: [`ClusterStatus`] with each member's
+/// drain state. Reads as a [`ClusterStatus`] too.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterView {
+    /// Members of the current configuration.
+    pub members: Vec<ClusterMemberView>,
+    /// Name of the current Paxos leader, if one is known.
+    #[serde(default)]
+    pub leader: Option<String>,
+    /// Configuration epoch: incremented by every decided membership change.
+    pub epoch: u64,
+    /// Index of the last decided log entry the answering node knows.
+    pub decided_index: u64,
 }
 
 /// `DELETE /api/cluster/members/{node}` while the node's queues are moving
@@ -776,7 +801,6 @@ mod tests {
                 role: MemberRole::Learner,
                 alive: true,
                 lag: 4,
-                draining: true,
             }],
             leader: Some("x-0".into()),
             epoch: 2,

@@ -25,13 +25,37 @@ use crate::broker::Broker;
 use crate::cluster;
 use crate::meta::Command;
 use crate::mgmt::Error;
-use crate::mgmt::api::{ClusterMember, ClusterStatus, MemberDrain, MemberRole};
+use crate::mgmt::api::{
+    ClusterMember, ClusterMemberView, ClusterStatus, ClusterView, MemberDrain, MemberRole,
+};
 
 /// The agreed configuration as this node sees it.
 pub fn status(broker: &Broker) -> ClusterStatus {
     match broker.cluster() {
-        Some(node) => from_cluster(&node.status(), &broker.draining_nodes()),
+        Some(node) => from_cluster(&node.status()),
         None => single_node(broker),
+    }
+}
+
+/// [`status`] as `GET /api/cluster` serves it, with each member's drain state.
+pub fn view(broker: &Broker) -> ClusterView {
+    with_draining(status(broker), &broker.draining_nodes())
+}
+
+/// `status` with the members named in `draining` marked draining.
+pub fn with_draining(status: ClusterStatus, draining: &[String]) -> ClusterView {
+    ClusterView {
+        members: status
+            .members
+            .into_iter()
+            .map(|member| ClusterMemberView {
+                draining: draining.contains(&member.name),
+                member,
+            })
+            .collect(),
+        leader: status.leader,
+        epoch: status.epoch,
+        decided_index: status.decided_index,
     }
 }
 
@@ -45,7 +69,6 @@ fn single_node(broker: &Broker) -> ClusterStatus {
             role: MemberRole::Voter,
             alive: true,
             lag: 0,
-            draining: false,
         }],
         leader: Some(node),
         epoch: u64::try_from(metrics.paxos_epoch.get()).unwrap_or(0),
@@ -53,9 +76,8 @@ fn single_node(broker: &Broker) -> ClusterStatus {
     }
 }
 
-/// The API's shape of the cluster member's status; `draining` lists the
-/// nodes marked draining in the metadata.
-pub fn from_cluster(status: &cluster::ClusterStatus, draining: &[String]) -> ClusterStatus {
+/// The API's shape of the cluster member's status.
+pub fn from_cluster(status: &cluster::ClusterStatus) -> ClusterStatus {
     let members = status
         .members
         .iter()
@@ -74,7 +96,6 @@ pub fn from_cluster(status: &cluster::ClusterStatus, draining: &[String]) -> Clu
                 member.name == status.node || Some(&member.name) == status.leader.as_ref()
             }),
             lag: member.lag.unwrap_or(0),
-            draining: draining.contains(&member.name),
         })
         .collect();
     ClusterStatus {
@@ -275,12 +296,16 @@ mod tests {
                 member("c", "learner"),
             ],
         };
-        let view = from_cluster(&status, &["c".to_string()]);
+        let view = from_cluster(&status);
         let alive: Vec<bool> = view.members.iter().map(|m| m.alive).collect();
         assert_eq!(alive, [true, true, false]);
         assert_eq!(view.members[2].role, MemberRole::Learner);
-        let draining: Vec<bool> = view.members.iter().map(|m| m.draining).collect();
+        let shown = with_draining(view.clone(), &["c".to_string()]);
+        let draining: Vec<bool> = shown.members.iter().map(|m| m.draining).collect();
         assert_eq!(draining, [false, false, true]);
+        let json = serde_json::to_value(&shown).expect("serializes");
+        assert_eq!(json["members"][2]["draining"], true);
+        assert_eq!(json["members"][2]["name"], "c");
         assert_eq!((view.epoch, view.decided_index), (3, 7));
         assert_eq!(view.leader.as_deref(), Some("a"));
     }

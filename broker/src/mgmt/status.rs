@@ -268,8 +268,8 @@ async fn alarms(State(state): State<AppState>, _caller: Caller) -> Response {
 async fn cluster_status(
     State(state): State<AppState>,
     _caller: Caller,
-) -> Json<crate::mgmt::api::ClusterStatus> {
-    Json(cluster::status(&state.broker))
+) -> Json<crate::mgmt::api::ClusterView> {
+    Json(cluster::view(&state.broker))
 }
 
 /// Unauthenticated on purpose: Kubernetes readiness probes send no
@@ -301,7 +301,7 @@ async fn add_member(
         return Err(Error::BadRequest("name: must not be empty".into()));
     }
     cluster::add_member(&state.broker, &body.name).await?;
-    Ok((StatusCode::CREATED, Json(cluster::status(&state.broker))).into_response())
+    Ok((StatusCode::CREATED, Json(cluster::view(&state.broker))).into_response())
 }
 
 /// Query parameters of `DELETE /api/cluster/members/{node}`.
