@@ -900,7 +900,6 @@ mod tests {
             role,
             alive,
             lag: 0,
-            draining: false,
         }
     }
 
