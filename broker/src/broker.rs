@@ -33,6 +33,8 @@ use crate::replication::{Decision, Replication};
 pub struct Settings {
     /// This node's name (queues' home node).
     pub node_name: String,
+    /// The cluster's name, as clients and the management API see it.
+    pub cluster_name: String,
     /// Users that may only connect from loopback addresses.
     pub loopback_users: Vec<String>,
     /// Message bytes held in memory above which publishers are blocked
@@ -75,6 +77,7 @@ impl Settings {
     pub fn new(node_name: &str) -> Settings {
         Settings {
             node_name: node_name.to_string(),
+            cluster_name: node_name.to_string(),
             loopback_users: vec!["guest".to_string()],
             memory_high_watermark_bytes: relative_watermark_bytes(
                 (crate::limits::MEMORY_HIGH_WATERMARK_FRACTION_DEFAULT * 1_000_000.0) as u32,
@@ -98,6 +101,7 @@ impl Settings {
     /// Defaults for `config`'s node, with the bounds it sets.
     pub fn from_config(config: &crate::config::Config) -> Settings {
         let mut settings = Settings::new(&config.node_name);
+        settings.cluster_name = config.cluster_name.clone();
         settings.message_size_max = config.max_message_size;
         settings.connections_max = config.max_connections;
         settings.channel_max = config.channel_max;

@@ -43,6 +43,11 @@ pub struct Args {
     /// Name of this node in the cluster (default: `synod@<hostname>`).
     #[arg(long, env = "SYNOD_NODE_NAME")]
     pub node_name: Option<String>,
+    /// Name of the cluster, reported to clients (`cluster_name` server
+    /// property), in `/api/overview` and in `synod_identity_info`
+    /// (default: the node name, as RabbitMQ's first node names its cluster).
+    #[arg(long, env = "SYNOD_CLUSTER_NAME")]
+    pub cluster_name: Option<String>,
     /// Directory for durable state (default: `./synod-data`).
     #[arg(long, env = "SYNOD_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -144,6 +149,7 @@ pub struct Args {
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 struct FileConfig {
     node_name: Option<String>,
+    cluster_name: Option<String>,
     data_dir: Option<PathBuf>,
     amqp_listen: Option<String>,
     mgmt_listen: Option<String>,
@@ -250,6 +256,8 @@ pub struct TlsConfig {
 pub struct Config {
     /// Name of this node.
     pub node_name: String,
+    /// Name of the cluster this node belongs to.
+    pub cluster_name: String,
     /// Directory for durable state.
     pub data_dir: PathBuf,
     /// AMQP listen address (not bound when `amqp_plain` is false).
@@ -306,6 +314,13 @@ impl Config {
             .unwrap_or_else(default_node_name);
         if node_name.is_empty() {
             return Err(invalid("node-name", "must not be empty"));
+        }
+        let cluster_name = args
+            .cluster_name
+            .or(file.cluster_name)
+            .unwrap_or_else(|| node_name.clone());
+        if cluster_name.is_empty() {
+            return Err(invalid("cluster-name", "must not be empty"));
         }
         let data_dir = args
             .data_dir
@@ -431,6 +446,7 @@ impl Config {
             memory_high_watermark,
             disk_free_limit_bytes,
             node_name,
+            cluster_name,
             data_dir,
             amqp_listen,
             amqp_plain,
@@ -790,6 +806,18 @@ mod tests {
             let err = config(&argv).expect_err("must fail");
             assert!(err.to_string().contains(flag), "{argv:?}: {err}");
         }
+    }
+
+    #[test]
+    fn the_cluster_name_defaults_to_the_node_name() {
+        // Goal: without --cluster-name the node names its cluster; the flag overrides; empty is refused.
+        let default = config(&["--node-name", "n1"]).expect("valid");
+        assert_eq!(default.cluster_name, "n1");
+        let named = config(&["--node-name", "n1", "--cluster-name", "orders"]).expect("valid");
+        assert_eq!(named.cluster_name, "orders");
+        assert_eq!(named.node_name, "n1");
+        let err = config(&["--cluster-name", ""]).expect_err("empty name");
+        assert!(err.to_string().contains("cluster-name"), "{err}");
     }
 
     #[test]

@@ -448,7 +448,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
             AMQPClass::Connection(amqp_connection::AMQPMethod::Start(amqp_connection::Start {
                 version_major: 0,
                 version_minor: 9,
-                server_properties: server_properties(&self.broker.settings.node_name),
+                server_properties: server_properties(&self.broker.settings.cluster_name),
                 mechanisms: if self.certificate_name.is_some() {
                     auth::MECHANISMS_WITH_EXTERNAL.into()
                 } else {
@@ -3438,7 +3438,7 @@ fn short(text: &str) -> &str {
 }
 
 /// `connection.start` server properties, announcing only what is implemented.
-fn server_properties(node_name: &str) -> FieldTable {
+fn server_properties(cluster_name: &str) -> FieldTable {
     let mut capabilities = FieldTable::default();
     for capability in [
         "publisher_confirms",
@@ -3457,7 +3457,7 @@ fn server_properties(node_name: &str) -> FieldTable {
     properties.insert("product".into(), text("Synod"));
     properties.insert("version".into(), text(env!("CARGO_PKG_VERSION")));
     properties.insert("platform".into(), text("Rust"));
-    properties.insert("cluster_name".into(), text(node_name));
+    properties.insert("cluster_name".into(), text(cluster_name));
     properties.insert(
         "information".into(),
         text("An AMQP 0-9-1 broker whose replicas agree through Paxos"),

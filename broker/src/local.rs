@@ -16,6 +16,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 
+/// Cluster name the local cluster's nodes report (`cluster_name`).
+const LOCAL_CLUSTER_NAME: &str = "synod-local";
+
 /// Flags of `synod-broker local-cluster`.
 #[derive(Debug, Parser)]
 #[command(
@@ -115,6 +118,8 @@ pub async fn run(args: LocalArgs, shutdown: impl Future<Output = ()>) -> Result<
         let child = Command::new(&exe)
             .arg("--node-name")
             .arg(&node.name)
+            .arg("--cluster-name")
+            .arg(LOCAL_CLUSTER_NAME)
             .arg("--data-dir")
             .arg(args.data_dir.join(&node.name))
             .arg("--amqp-listen")

@@ -215,7 +215,7 @@ async fn start_inner(
     metrics.set_per_queue(config.metrics_per_queue);
     metrics
         .identity_info
-        .with_label_values(&[config.node_name.as_str(), config.node_name.as_str()])
+        .with_label_values(&[config.node_name.as_str(), config.cluster_name.as_str()])
         .set(1);
     let durable_opened = if durable {
         Some(crate::durable::Durable::open(&config.data_dir, &metrics)?)

@@ -62,7 +62,7 @@ async fn overview(State(state): State<AppState>, caller: Caller) -> Json<Overvie
         management_version: MANAGEMENT_VERSION.into(),
         product_name: "Synod".into(),
         product_version: env!("CARGO_PKG_VERSION").into(),
-        cluster_name: broker.settings.node_name.clone(),
+        cluster_name: broker.settings.cluster_name.clone(),
         node: broker.settings.node_name.clone(),
         object_totals: ObjectTotals {
             connections: gauge(metrics.connections.get()),

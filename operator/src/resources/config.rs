@@ -11,6 +11,7 @@ use super::{
     owned_metadata,
 };
 use crate::crd::BrokerCluster;
+use kube::ResourceExt;
 
 /// Key of the TOML file in `X-config` (mounted as `/etc/synod/synod.toml`).
 pub const CONFIG_FILE_KEY: &str = "synod.toml";
@@ -35,6 +36,9 @@ pub fn broker_config_toml(cluster: &BrokerCluster, peers: &str) -> Result<String
         table.insert(key.to_string(), toml::Value::String(value));
     };
     set("data-dir", DATA_DIR.to_string());
+    // Clients and dashboards see the BrokerCluster's name (a `cluster-name`
+    // in `spec.config` overrides it below).
+    set("cluster-name", cluster.name_any());
     set("amqp-listen", format!("0.0.0.0:{AMQP_PORT}"));
     set("mgmt-listen", format!("0.0.0.0:{MANAGEMENT_PORT}"));
     set("metrics-listen", format!("0.0.0.0:{METRICS_PORT}"));
@@ -108,6 +112,7 @@ mod tests {
             Some("/etc/synod/cluster-secret/cluster-secret")
         );
         assert!(!table.contains_key("node-name"));
+        assert_eq!(table["cluster-name"].as_str(), Some("rabbit"));
         assert!(!table.contains_key("tls-cert"));
     }
 
@@ -130,6 +135,7 @@ mod tests {
         .expect("flags parse");
         let config = synod_broker::config::Config::from_args(args).expect("broker accepts it");
         assert_eq!(config.amqp_listen.port(), 5672);
+        assert_eq!(config.cluster_name, "rabbit");
         assert_eq!(config.peers.len(), 1);
         assert!(config.tls.is_none());
 
