@@ -288,6 +288,10 @@ pub struct Broker {
     disk_free_limit_bytes: AtomicU64,
     /// When the free disk space was last read, and whether it was low.
     disk_free_check: Mutex<(Option<Instant>, bool)>,
+    /// Queues whose `x-expires` deletion was proposed, and when: proposed
+    /// again only after [`crate::limits::EXPIRY_RETRY_MS`], so a cluster
+    /// that cannot decide does not collect one proposal per tick.
+    expiring: Mutex<HashMap<(String, String), Instant>>,
     /// The durable store, once opened (absent: nothing survives a restart).
     durable: OnceLock<Arc<crate::durable::Durable>>,
     /// The Paxos cluster member, when started with `--peers`.
@@ -371,6 +375,7 @@ impl Broker {
             memory_high_watermark_bytes,
             disk_free_limit_bytes,
             disk_free_check: Mutex::new((None, false)),
+            expiring: Mutex::new(HashMap::new()),
             durable: OnceLock::new(),
             cluster: OnceLock::new(),
             replication: OnceLock::new(),
@@ -1175,7 +1180,7 @@ impl Broker {
             }
         }
         self.dead_letter(dead);
-        for queue in expired {
+        for queue in self.due_expirations(now, expired) {
             self.submit_detached(Command::DeleteQueue {
                 vhost: queue.vhost.clone(),
                 name: queue.name().to_string(),
@@ -1210,6 +1215,27 @@ impl Broker {
             *current = alarm;
             changed
         });
+    }
+
+    /// The queues of `expired` whose deletion is not already on its way:
+    /// never proposed, or proposed over `EXPIRY_RETRY_MS` ago (the
+    /// proposal failed or is still undecided).
+    fn due_expirations(&self, now: Instant, expired: Vec<Arc<Queue>>) -> Vec<Arc<Queue>> {
+        let retry = std::time::Duration::from_millis(crate::limits::EXPIRY_RETRY_MS);
+        let mut expiring = self.expiring.lock().unwrap_or_else(|p| p.into_inner());
+        // Entries of queues that are gone (or came back) age out.
+        expiring.retain(|_, proposed| now.duration_since(*proposed) < retry);
+        expired
+            .into_iter()
+            .filter(|queue| {
+                let key = (queue.vhost.clone(), queue.name().to_string());
+                if expiring.contains_key(&key) {
+                    return false;
+                }
+                expiring.insert(key, now);
+                true
+            })
+            .collect()
     }
 
     /// Watches the resource alarms (true = publishers must block).
@@ -1602,6 +1628,38 @@ mod tests {
             arguments,
             home_node: "test@node".into(),
         }
+    }
+
+    #[test]
+    fn an_expired_queue_is_proposed_for_deletion_once_per_retry_period() {
+        // Goal: x-expires proposes a queue's deletion once, not on every
+        // tick while the cluster decides (or cannot), and again after the
+        // retry period if the queue is still there.
+        let broker = broker();
+        broker
+            .execute(Command::DeclareQueue {
+                vhost: "/".into(),
+                queue: queue_def("idle", FieldTable::default()),
+            })
+            .expect("declare");
+        let queue = broker.queue("/", "idle").expect("runtime queue");
+        let now = Instant::now();
+        let retry = std::time::Duration::from_millis(crate::limits::EXPIRY_RETRY_MS);
+        assert_eq!(broker.due_expirations(now, vec![queue.clone()]).len(), 1);
+        for ms in [25, 1_000, 4_900] {
+            let later = now + std::time::Duration::from_millis(ms);
+            assert!(
+                broker
+                    .due_expirations(later, vec![queue.clone()])
+                    .is_empty(),
+                "proposed again after {ms} ms"
+            );
+        }
+        assert_eq!(
+            broker.due_expirations(now + retry, vec![queue]).len(),
+            1,
+            "proposed again once the retry period passed"
+        );
     }
 
     #[test]

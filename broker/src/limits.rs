@@ -97,3 +97,6 @@ pub const DRAIN_RETRY_DELAY_MS: u64 = 500;
 /// How long the management API waits to reach a node's cluster port before
 /// it calls the node unreachable, in milliseconds.
 pub const DRAIN_PROBE_TIMEOUT_MS: u64 = 2_000;
+/// How long an `x-expires` deletion proposed to the cluster is left to be
+/// decided before it is proposed again, in milliseconds.
+pub const EXPIRY_RETRY_MS: u64 = 5_000;
