@@ -951,16 +951,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         match self.broker.replicate(command) {
             Decision::Now(result) => then(self, result),
             Decision::Later(decision) => {
-                self.deferred = Some(Deferred {
-                    channel_id,
-                    class_id: self.current_method.0,
-                    method_id: self.current_method.1,
-                    decision,
-                    then: Box::new(then),
-                });
+                self.defer(channel_id, decision, then);
                 Ok(())
             }
         }
+    }
+
+    /// Parks the connection's input until `decision` resolves, then runs
+    /// `then` with it as the reply to the current method.
+    fn defer(
+        &mut self,
+        channel_id: u16,
+        decision: tokio::sync::oneshot::Receiver<Result<Outcome, MetaError>>,
+        then: impl FnOnce(&mut Connection<S>, Result<Outcome, MetaError>) -> Result<(), AmqpError>
+        + Send
+        + 'static,
+    ) {
+        self.deferred = Some(Deferred {
+            channel_id,
+            class_id: self.current_method.0,
+            method_id: self.current_method.1,
+            decision,
+            then: Box::new(then),
+        });
     }
 
     /// [`Connection::execute_then`] for the common case: once the change
@@ -2214,19 +2227,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                     }
                     let _ = done.send(result);
                 });
-                self.deferred = Some(Deferred {
-                    channel_id,
-                    class_id: self.current_method.0,
-                    method_id: self.current_method.1,
-                    decision,
-                    then: Box::new(move |conn, result| {
-                        result.map_err(meta_error)?;
-                        conn.send_method(
-                            channel_id,
-                            AMQPClass::Tx(tx::AMQPMethod::CommitOk(tx::CommitOk {})),
-                        );
-                        Ok(())
-                    }),
+                self.defer(channel_id, decision, move |conn, result| {
+                    result.map_err(meta_error)?;
+                    conn.send_method(
+                        channel_id,
+                        AMQPClass::Tx(tx::AMQPMethod::CommitOk(tx::CommitOk {})),
+                    );
+                    Ok(())
                 });
                 Ok(())
             }

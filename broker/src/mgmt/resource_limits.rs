@@ -112,17 +112,7 @@ async fn put_user_limit(
     Path((user, name)): Path<(String, String)>,
     JsonBody(body): JsonBody<LimitValue>,
 ) -> Result<StatusCode, Error> {
-    caller.require_administrator()?;
-    let limit = user_limit(&name)?;
-    state
-        .broker
-        .submit(Command::SetUserLimit {
-            user,
-            limit,
-            value: bound(body),
-        })
-        .await?;
-    Ok(StatusCode::NO_CONTENT)
+    set_user_limit(&state, &caller, user, &name, bound(body)).await
 }
 
 async fn delete_user_limit(
@@ -130,15 +120,22 @@ async fn delete_user_limit(
     caller: Caller,
     Path((user, name)): Path<(String, String)>,
 ) -> Result<StatusCode, Error> {
+    set_user_limit(&state, &caller, user, &name, None).await
+}
+
+/// Sets (`Some`) or clears (`None`) the user limit called `name`.
+async fn set_user_limit(
+    state: &AppState,
+    caller: &Caller,
+    user: String,
+    name: &str,
+    value: Option<u64>,
+) -> Result<StatusCode, Error> {
     caller.require_administrator()?;
-    let limit = user_limit(&name)?;
+    let limit = user_limit(name)?;
     state
         .broker
-        .submit(Command::SetUserLimit {
-            user,
-            limit,
-            value: None,
-        })
+        .submit(Command::SetUserLimit { user, limit, value })
         .await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -169,17 +166,7 @@ async fn put_vhost_limit(
     Path((vhost, name)): Path<(String, String)>,
     JsonBody(body): JsonBody<LimitValue>,
 ) -> Result<StatusCode, Error> {
-    caller.require_administrator()?;
-    let limit = vhost_limit(&name)?;
-    state
-        .broker
-        .submit(Command::SetVhostLimit {
-            vhost,
-            limit,
-            value: bound(body),
-        })
-        .await?;
-    Ok(StatusCode::NO_CONTENT)
+    set_vhost_limit(&state, &caller, vhost, &name, bound(body)).await
 }
 
 async fn delete_vhost_limit(
@@ -187,14 +174,25 @@ async fn delete_vhost_limit(
     caller: Caller,
     Path((vhost, name)): Path<(String, String)>,
 ) -> Result<StatusCode, Error> {
+    set_vhost_limit(&state, &caller, vhost, &name, None).await
+}
+
+/// Sets (`Some`) or clears (`None`) the vhost limit called `name`.
+async fn set_vhost_limit(
+    state: &AppState,
+    caller: &Caller,
+    vhost: String,
+    name: &str,
+    value: Option<u64>,
+) -> Result<StatusCode, Error> {
     caller.require_administrator()?;
-    let limit = vhost_limit(&name)?;
+    let limit = vhost_limit(name)?;
     state
         .broker
         .submit(Command::SetVhostLimit {
             vhost,
             limit,
-            value: None,
+            value,
         })
         .await?;
     Ok(StatusCode::NO_CONTENT)
